@@ -1,0 +1,73 @@
+"""create_app(): the Quart-Trio app, its blueprints, error envelope and serving lifespan."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from quart_trio import QuartTrio
+
+from api.deps import EXTENSION_KEY, ApiContext
+from api.errors import http_error_response, register_error_handlers
+from api.routes import channels, health, logs, messages
+from ipc.broker import open_broker
+from ipc.errors import BrokerUnavailable, StoreUnavailable
+from ipc.names import Namespace
+from ipc.state import open_state
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator
+
+    from quart import Response
+    from werkzeug.exceptions import HTTPException
+
+    from api.supervisor_link import SupervisorLink
+    from ipc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class JunebugApp(QuartTrio):
+    """Routing errors (404, 405 and the 308 slash redirect included) answer in the envelope."""
+
+    async def handle_http_exception(self, error: HTTPException) -> Response:
+        # Quart returns RoutingExceptions such as RequestRedirect untouched, bypassing the
+        # error handlers; the original answered those in the envelope too.
+        return http_error_response(error)
+
+
+def create_app(settings: Settings, *, supervisor: SupervisorLink) -> JunebugApp:
+    """The API app. While serving it holds the state store and the broker; `supervisor` is
+    run by the caller (api.main or a test), which decides when the worker is ready.
+    """
+    app = JunebugApp(__name__)
+    # Every response carries the envelope, so OPTIONS is not answered automatically.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    context = ApiContext(
+        settings=settings, namespace=Namespace(settings.namespace), supervisor=supervisor
+    )
+    app.extensions[EXTENSION_KEY] = context
+
+    @app.while_serving
+    async def hold_clients() -> AsyncGenerator[None, None]:
+        serving = False
+        try:
+            async with (
+                open_state(settings, context.namespace) as store,
+                open_broker(settings) as broker,
+            ):
+                context.store, context.broker = store, broker
+                serving = True
+                try:
+                    yield
+                finally:
+                    context.store = context.broker = None
+        except (StoreUnavailable, BrokerUnavailable) as exc:
+            if not serving:
+                context.startup_failure = exc
+            raise
+
+    for blueprint in (channels.blueprint, messages.blueprint, logs.blueprint, health.blueprint):
+        app.register_blueprint(blueprint)
+    register_error_handlers(app)
+    return app

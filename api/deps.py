@@ -1,0 +1,51 @@
+"""Typed access to what the routes share: settings, store, broker and the supervisor link."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from quart import current_app
+
+if TYPE_CHECKING:
+    from api.supervisor_link import SupervisorLink
+    from ipc.broker import Broker
+    from ipc.names import Namespace
+    from ipc.settings import Settings
+    from ipc.state import StateStore
+
+EXTENSION_KEY = "junebug"
+
+
+@dataclass(slots=True, kw_only=True, eq=False)
+class ApiContext:
+    """Owned by the app: the store and broker are set while it is serving, None otherwise."""
+
+    settings: Settings
+    namespace: Namespace
+    supervisor: SupervisorLink
+    store: StateStore | None = None
+    broker: Broker | None = None
+    #: Outbound queues this process has declared (with max_priority) since it started.
+    declared_queues: set[str] = field(default_factory=set)
+    #: Why serving could not start (store or broker unreachable), for the exit code.
+    startup_failure: BaseException | None = None
+
+
+def api_context() -> ApiContext:
+    context: ApiContext = current_app.extensions[EXTENSION_KEY]
+    return context
+
+
+def state_store() -> StateStore:
+    store = api_context().store
+    if store is None:
+        raise RuntimeError("the state store is only open while the app is serving")
+    return store
+
+
+def queue_broker() -> Broker:
+    broker = api_context().broker
+    if broker is None:
+        raise RuntimeError("the broker is only open while the app is serving")
+    return broker

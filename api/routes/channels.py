@@ -1,0 +1,145 @@
+"""Channel CRUD and restart: /channels/, /channels/{cid}, /channels/{cid}/restart (2.1-2.6)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from quart import Blueprint
+
+from api import lifecycle
+from api.channel_object import channel_object, stored_properties
+from api.deps import api_context, queue_broker, state_store
+from api.errors import (
+    ApiUsageError,
+    ChannelNotFoundError,
+    InvalidChannelConfigError,
+    SupervisorUnavailableError,
+    envelope,
+)
+from api.routes.body import read_body
+from api.schemas import CHANNEL_CREATE_VALIDATOR, CHANNEL_MODIFY_VALIDATOR
+from ipc.names import new_channel_id
+
+if TYPE_CHECKING:
+    from quart import Response
+
+    from api.deps import ApiContext
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+
+blueprint = Blueprint("channels", __name__)
+
+#: Properties only the API reads: changing just these needs no channel restart.
+_API_ONLY_KEYS = frozenset({"label", "metadata", "character_limit"})
+
+
+async def load_channel(channel_id: str) -> JsonObject:
+    properties = await state_store().get_channel(channel_id)
+    if properties is None:
+        raise ChannelNotFoundError("")
+    return properties
+
+
+async def _render(context: ApiContext, channel_id: str, properties: JsonObject) -> JsonObject:
+    return await channel_object(
+        state_store(), channel_id, properties, context.settings.metric_window
+    )
+
+
+async def _check(context: ApiContext, properties: JsonObject) -> None:
+    """The checks a channel's properties must pass before they are saved."""
+    known = await lifecycle.catalog(context.supervisor)
+    lifecycle.check_type_and_config(known, properties.get("type"), properties.get("config"))
+    if properties.get("amqp_queue") is not None and context.settings.amqp is None:
+        raise ApiUsageError(
+            "amqp_queue needs a RabbitMQ broker: this gateway runs the embedded queue "
+            "(configure `amqp` to use AMQP integration)"
+        )
+
+
+@blueprint.get("/channels/")
+async def list_channels() -> Response:
+    return envelope(200, "channels listed", await state_store().list_channels())
+
+
+@blueprint.post("/channels/")
+async def create_channel() -> Response:
+    context = api_context()
+    body = await read_body(CHANNEL_CREATE_VALIDATOR)
+    properties = stored_properties(body)
+    await _check(context, properties)
+    store = state_store()
+    channel_id = new_channel_id()
+    await store.save_channel(channel_id, properties)
+    try:
+        await lifecycle.start_channel(context.supervisor, channel_id)
+    except InvalidChannelConfigError:
+        await store.delete_channel(channel_id)
+        raise
+    except SupervisorUnavailableError as exc:
+        # Saved is saved: the supervisor starts it when it can, and the status shows why not.
+        log.warning("channel %s created but not started: %s", channel_id, exc.message)
+    return envelope(201, "channel created", await _render(context, channel_id, properties))
+
+
+@blueprint.get("/channels/<channel_id>")
+async def get_channel(channel_id: str) -> Response:
+    properties = await load_channel(channel_id)
+    return envelope(200, "channel found", await _render(api_context(), channel_id, properties))
+
+
+@blueprint.post("/channels/<channel_id>")
+async def modify_channel(channel_id: str) -> Response:
+    context = api_context()
+    body = await read_body(CHANNEL_MODIFY_VALIDATOR)
+    previous = await load_channel(channel_id)
+    changes = stored_properties(body)
+    merged = {**previous, **changes}
+    if "type" in changes or "config" in changes or "amqp_queue" in changes:
+        await _check(context, merged)
+    store = state_store()
+    await store.save_channel(channel_id, merged)
+    if any(key not in _API_ONLY_KEYS and previous.get(key) != merged[key] for key in changes):
+        await _apply(context, channel_id, previous)
+    return envelope(200, "channel updated", await _render(context, channel_id, merged))
+
+
+async def _apply(context: ApiContext, channel_id: str, previous: JsonObject) -> None:
+    """Restart the channel with its new properties; if it refuses them, put the old ones back."""
+    try:
+        await lifecycle.start_channel(context.supervisor, channel_id)
+    except SupervisorUnavailableError as exc:
+        log.warning("channel %s updated but not restarted: %s", channel_id, exc.message)
+    except InvalidChannelConfigError:
+        await state_store().save_channel(channel_id, previous)
+        try:
+            await lifecycle.start_channel(context.supervisor, channel_id)
+        except (InvalidChannelConfigError, SupervisorUnavailableError) as exc:
+            log.error(
+                "channel %s did not restart with its previous properties: %s", channel_id, exc
+            )
+        raise
+
+
+@blueprint.delete("/channels/<channel_id>")
+async def delete_channel(channel_id: str) -> Response:
+    context = api_context()
+    await load_channel(channel_id)
+    await lifecycle.stop_channel(context.supervisor, context.settings, channel_id)
+    await state_store().delete_channel(channel_id)
+    broker = queue_broker()
+    for queue in context.namespace.channel_queues(channel_id):
+        await broker.delete_queue(queue)
+        context.declared_queues.discard(queue)
+    return envelope(200, "channel deleted", {})
+
+
+@blueprint.post("/channels/<channel_id>/restart")
+async def restart_channel(channel_id: str) -> Response:
+    context = api_context()
+    await load_channel(channel_id)
+    await lifecycle.restart_channel(context.supervisor, context.settings, channel_id)
+    return envelope(200, "channel restarted", {})

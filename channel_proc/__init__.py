@@ -1,0 +1,1 @@
+"""The channel process: one OS process per channel running its transport and actors."""

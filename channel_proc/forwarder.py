@@ -1,0 +1,302 @@
+"""The forwarder: inbound messages and events from the channel's queues to webhooks and AMQP.
+
+Each queue has its own consumer, so a dead mo_url never holds up events. A message
+is acked only once delivered (or dead-lettered), so a killed process loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from channel_proc.backoff import Backoff
+from channel_proc.deadletter import dead_letter
+from channel_proc.transports.base import StatusLevel
+from channel_proc.transports.errors import ConfigError
+from channel_proc.webhook import WebhookError, WebhookTarget, post_json, safe_url
+from ipc.broker import MAX_PRIORITY
+from ipc.codec import decode_vumi_event, decode_vumi_message
+from ipc.errors import ProtocolError
+from ipc.names import amqp_event_key, amqp_inbound_key, amqp_outbound_queue
+from ipc.payloads import api_event, api_message, junebug_event_type
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
+    import httpx
+
+    from channel_proc.events import StatusReporter
+    from channel_proc.lifecycle import Shutdown
+    from ipc.broker import Broker, Consumer, Delivery
+    from ipc.names import Namespace
+    from ipc.payloads import VumiEvent
+    from ipc.settings import Settings
+    from ipc.state import StateStore
+
+    Handler = Callable[[Consumer, Delivery], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+
+PREFETCH: Final = 16
+#: Messages relayed from `{amqp_queue}.outbound` get the API's default priority.
+AMQP_OUTBOUND_PRIORITY: Final = 1
+MO_COMPONENT: Final = "mo_url"
+EVENT_COMPONENT: Final = "event_url"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Routes:
+    """Where a channel's inbound messages and events go (from its stored properties)."""
+
+    mo_url: str | None = None
+    mo_url_auth_token: str | None = None
+    amqp_queue: str | None = None
+
+
+class Outcome(Enum):
+    DELIVERED = "delivered"
+    GAVE_UP = "gave_up"
+    STOPPED = "stopped"
+
+
+class Forwarder:
+    """Consumes `{cid}.inbound`, `{cid}.event` and (RabbitMQ only) `{amqp_queue}.outbound`."""
+
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        store: StateStore,
+        http: httpx.AsyncClient,
+        namespace: Namespace,
+        channel_id: str,
+        routes: Routes,
+        settings: Settings,
+        reporter: StatusReporter,
+        shutdown: Shutdown,
+        retry_initial: float = 0.5,
+        retry_cap: float = 60.0,
+    ) -> None:
+        self._broker = broker
+        self._store = store
+        self._http = http
+        self._ns = namespace
+        self._cid = channel_id
+        self._routes = routes
+        self._settings = settings
+        self._reporter = reporter
+        self._shutdown = shutdown
+        self._retry_initial = retry_initial
+        self._retry_cap = retry_cap
+        self._failing: set[str] = set()
+        # AMQP integration queues only make sense on RabbitMQ; on the embedded queue
+        # nobody would ever consume them.
+        self._amqp_queue = routes.amqp_queue if settings.amqp is not None else None
+        if routes.amqp_queue and settings.amqp is None:
+            log.warning("amqp_queue is set but the gateway has no RabbitMQ; it is ignored")
+        self._mo_target: WebhookTarget | None = None
+        if routes.mo_url:
+            try:
+                self._mo_target = WebhookTarget.parse(routes.mo_url, routes.mo_url_auth_token)
+            except WebhookError as exc:
+                raise ConfigError(f"mo_url {safe_url(routes.mo_url)}: {exc.reason}") from exc
+
+    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Start every consumer, then run until a stop is requested and in-flight work ends."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._consume, self._ns.inbound_queue(self._cid), self._inbound)
+            await nursery.start(self._consume, self._ns.event_queue(self._cid), self._event)
+            if self._amqp_queue:
+                outbound = self._ns.outbound_queue(self._cid)
+                await self._broker.declare_queue(outbound, max_priority=MAX_PRIORITY)
+                await nursery.start(
+                    self._consume, amqp_outbound_queue(self._amqp_queue), self._relay_outbound
+                )
+            task_status.started()
+
+    async def _consume(
+        self, queue: str, handle: Handler, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        await self._broker.declare_queue(queue)
+        async with self._broker.consume(queue, prefetch=PREFETCH) as consumer:
+            task_status.started()
+            while (delivery := await self._shutdown.receive(consumer)) is not None:
+                with self._shutdown.busy():
+                    await handle(consumer, delivery)
+
+    # --- inbound ----------------------------------------------------------------------
+
+    async def _inbound(self, consumer: Consumer, delivery: Delivery) -> None:
+        source = self._ns.inbound_queue(self._cid)
+        try:
+            msg = decode_vumi_message(delivery.body)
+        except ProtocolError as exc:
+            await self._dead_letter(delivery.body, source, str(exc))
+            await consumer.ack(delivery)
+            return
+        # Stored before the POST so that a reply works even while mo_url fails.
+        await self._store.put_inbound(
+            self._cid,
+            msg.message_id,
+            msg.model_dump(mode="json"),
+            self._settings.inbound_message_ttl,
+        )
+        if self._mo_target is not None:
+            what = f"inbound message {msg.message_id}"
+            body = api_message(msg, self._cid)
+            outcome = await self._deliver(MO_COMPONENT, self._mo_target, body, what)
+            if outcome is Outcome.STOPPED:
+                return
+            if outcome is Outcome.GAVE_UP:
+                await self._dead_letter(delivery.body, source, f"mo_url gave up on {what}")
+        if self._amqp_queue:
+            await self._broker.publish(amqp_inbound_key(self._amqp_queue), delivery.body)
+        await self._count("inbound")
+        await consumer.ack(delivery)
+
+    # --- events -----------------------------------------------------------------------
+
+    async def _event(self, consumer: Consumer, delivery: Delivery) -> None:
+        source = self._ns.event_queue(self._cid)
+        try:
+            event = decode_vumi_event(delivery.body)
+        except ProtocolError as exc:
+            await self._dead_letter(delivery.body, source, str(exc))
+            await consumer.ack(delivery)
+            return
+        record: Mapping[str, object] | None = None
+        ttl = self._settings.outbound_message_ttl
+        if event.user_message_id is None:
+            log.warning("cannot store event %s: missing user_message_id", event.event_id)
+        else:
+            await self._store.add_event(
+                self._cid, event.user_message_id, event.event_id, event.model_dump(mode="json"), ttl
+            )
+            stored = await self._store.get_outbound(self._cid, event.user_message_id, ttl)
+            record = stored.message if stored is not None else None
+        event_type = junebug_event_type(event)
+        event_url = record.get("event_url") if record is not None else None
+        if isinstance(event_url, str) and event_url and record is not None:
+            what = f"{event_type} event {event.event_id} of message {event.user_message_id}"
+            outcome = await self._forward_event(event_url, record, event_type, event, what)
+            if outcome is Outcome.STOPPED:
+                return
+            if outcome is Outcome.GAVE_UP:
+                await self._dead_letter(delivery.body, source, f"event_url gave up on {what}")
+        if self._amqp_queue:
+            await self._broker.publish(amqp_event_key(self._amqp_queue), delivery.body)
+        if event_type is not None:
+            await self._count(event_type)
+        await consumer.ack(delivery)
+
+    async def _forward_event(
+        self,
+        event_url: str,
+        record: Mapping[str, object],
+        event_type: str | None,
+        event: VumiEvent,
+        what: str,
+    ) -> Outcome:
+        if event_type is None:
+            log.info("discarding unrecognised event %s", event.event_id)
+            return Outcome.DELIVERED
+        token = record.get("event_auth_token")
+        try:
+            target = WebhookTarget.parse(event_url, token if isinstance(token, str) else None)
+        except WebhookError as exc:
+            log.error("%s: event_url %s is unusable: %s", what, safe_url(event_url), exc.reason)
+            return Outcome.GAVE_UP
+        return await self._deliver(EVENT_COMPONENT, target, api_event(event, self._cid), what)
+
+    # --- AMQP-originated outbound -----------------------------------------------------
+
+    async def _relay_outbound(self, consumer: Consumer, delivery: Delivery) -> None:
+        await self._broker.publish(
+            self._ns.outbound_queue(self._cid), delivery.body, priority=AMQP_OUTBOUND_PRIORITY
+        )
+        await consumer.ack(delivery)
+
+    # --- helpers ----------------------------------------------------------------------
+
+    async def _deliver(
+        self, component: str, target: WebhookTarget, body: Mapping[str, object], what: str
+    ) -> Outcome:
+        """POST until a 2xx answer, backing off; give up after settings.webhook_max_age.
+
+        The age counts from the first attempt in this process: after a restart a message
+        gets a fresh allowance rather than being dropped on its first failure.
+        """
+        backoff = Backoff(initial=self._retry_initial, cap=self._retry_cap)
+        first_attempt = trio.current_time()
+        max_age = self._settings.webhook_max_age
+        while True:
+            try:
+                await post_json(self._http, target, body)
+            except WebhookError as exc:
+                age = trio.current_time() - first_attempt
+                if exc.permanent or age >= max_age:
+                    log.error(
+                        "giving up on %s to %s after %d attempt(s) in %.0f s: %s",
+                        what,
+                        component,
+                        backoff.attempts + 1,
+                        age,
+                        exc.reason,
+                    )
+                    return Outcome.GAVE_UP
+                delay = min(backoff.next_delay(), max_age - age)
+                log.warning(
+                    "%s not delivered to %s (%s); retry %d in %.1f s",
+                    what,
+                    component,
+                    exc.reason,
+                    backoff.attempts,
+                    delay,
+                )
+                self._report_failing(component, target, exc.reason)
+                if not await self._shutdown.sleep(delay):
+                    return Outcome.STOPPED
+            else:
+                log.info("%s delivered to %s", what, component)
+                self._report_recovered(component, target)
+                return Outcome.DELIVERED
+
+    def _report_failing(self, component: str, target: WebhookTarget, reason: str) -> None:
+        if component in self._failing:
+            return
+        self._failing.add(component)
+        self._reporter.report(
+            component,
+            StatusLevel.DEGRADED,
+            "delivery_failing",
+            f"Deliveries to {component} are failing and being retried",
+            {"url": target.url, "error": reason},
+        )
+
+    def _report_recovered(self, component: str, target: WebhookTarget) -> None:
+        if component not in self._failing:
+            return
+        self._failing.discard(component)
+        self._reporter.report(
+            component,
+            StatusLevel.OK,
+            "delivery_recovered",
+            f"Deliveries to {component} succeed again",
+            {"url": target.url},
+        )
+
+    async def _count(self, label: str) -> None:
+        window = self._settings.metric_window
+        bucket = int(time.time() / window)
+        await self._store.incr_rate(self._cid, label, bucket, math.ceil(2 * window))
+
+    async def _dead_letter(self, body: bytes, source: str, reason: str) -> None:
+        await dead_letter(
+            self._broker, self._ns, self._cid, body, source_queue=source, reason=reason
+        )

@@ -1,0 +1,152 @@
+"""The status actor: sole owner of the channel's component statuses.
+
+It records each reported status, writes the latest per component to the store,
+POSTs each to the channel's status_url, and answers status queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from channel_proc.backoff import Backoff
+from channel_proc.events import JsonObject, StatusMail, StatusQuery, StatusReported
+from channel_proc.webhook import WebhookError, WebhookTarget, post_json, safe_url
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ipc.state import StateStore
+
+log = logging.getLogger(__name__)
+
+#: Status POSTs waiting for status_url; past this the oldest are dropped (with a log line).
+POST_BACKLOG: Final = 100
+POST_ATTEMPTS: Final = 3
+#: The mailbox is large because `StatusReporter.report` never waits.
+MAILBOX_SIZE: Final = 256
+
+
+class _Wakeup:
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+def status_record(channel_id: str, report: StatusReported) -> JsonObject:
+    """The 6-field status object of docs 1.8.4."""
+    return {
+        "component": report.component,
+        "channel_id": channel_id,
+        "status": report.level.value,
+        "type": report.type,
+        "message": report.message,
+        "details": dict(report.details),
+    }
+
+
+async def run_status_actor(
+    mail_recv: trio.MemoryReceiveChannel[StatusMail],
+    *,
+    channel_id: str,
+    store: StateStore,
+    http: httpx.AsyncClient,
+    status_url: str | None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled or until every sender of `mail_recv` is closed."""
+    components: dict[str, JsonObject] = {}
+    # Only the latest status of a component is stored, so store writes coalesce.
+    unstored: dict[str, JsonObject] = {}
+    unposted: deque[JsonObject] = deque()
+    store_wakeup, post_wakeup = _Wakeup(), _Wakeup()
+
+    async def write_to_store() -> None:
+        while True:
+            await store_wakeup.wait()
+            while unstored:
+                component = next(iter(unstored))
+                record = unstored.pop(component)
+                await store.set_status(channel_id, component, record)
+
+    async def post_to_status_url(target: WebhookTarget) -> None:
+        while True:
+            await post_wakeup.wait()
+            while unposted:
+                await _post_with_retries(http, target, unposted.popleft())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_to_store)
+        target = _status_target(status_url)
+        if target is not None:
+            nursery.start_soon(post_to_status_url, target)
+        task_status.started()
+        async with mail_recv:
+            async for mail in mail_recv:
+                match mail:
+                    case StatusReported():
+                        record = status_record(channel_id, mail)
+                        components[mail.component] = record
+                        unstored[mail.component] = record
+                        store_wakeup.set()
+                        if target is not None:
+                            if len(unposted) >= POST_BACKLOG:
+                                dropped = unposted.popleft()
+                                log.warning(
+                                    "status_url backlog full; not posting %s status %s",
+                                    dropped["component"],
+                                    dropped["type"],
+                                )
+                            unposted.append(record)
+                            post_wakeup.set()
+                    case StatusQuery():
+                        # The asker may have given up (cancelled) in the meantime.
+                        with contextlib.suppress(trio.BrokenResourceError):
+                            mail.reply.send_nowait(dict(components))
+        nursery.cancel_scope.cancel()
+
+
+def _status_target(status_url: str | None) -> WebhookTarget | None:
+    if not status_url:
+        return None
+    try:
+        return WebhookTarget.parse(status_url)
+    except WebhookError as exc:
+        log.error(
+            "status_url %s is unusable, statuses will not be posted: %s",
+            safe_url(status_url),
+            exc.reason,
+        )
+        return None
+
+
+async def _post_with_retries(
+    http: httpx.AsyncClient, target: WebhookTarget, record: JsonObject
+) -> None:
+    """A few bounded attempts: statuses are also in the store, so a lost POST costs little."""
+    backoff = Backoff(initial=0.5, cap=5.0)
+    for attempt in range(1, POST_ATTEMPTS + 1):
+        try:
+            await post_json(http, target, record)
+        except WebhookError as exc:
+            if exc.permanent or attempt == POST_ATTEMPTS:
+                log.warning(
+                    "could not post %s status %s to status_url: %s",
+                    record["component"],
+                    record["type"],
+                    exc.reason,
+                )
+                return
+            await trio.sleep(backoff.next_delay())
+        else:
+            return

@@ -1,0 +1,1 @@
+"""Everything that crosses a process boundary: local IPC, settings, payloads, store and broker."""

@@ -1,0 +1,114 @@
+"""The durable-queue interface and its factory.
+
+Two implementations sit behind it: RabbitMQ (ipc/broker_amqp.py, the only
+aiormq importer, with its asyncio bridge) and the embedded SQLite queue
+(ipc/broker_sqlite.py). Both must pass the same tests (tests/ipc/test_broker.py).
+
+Semantics both give: a message is durable once `publish` returns; a consumer
+gets each message at least once; a message is removed only by `ack`; anything
+unacked when its consumer goes away (process killed included) is delivered
+again, to the next consumer. Order is FIFO within a priority; higher priority
+first when the queue was declared with max_priority.
+
+Errors: BrokerUnavailable when the backend cannot be reached, never a library
+exception.
+"""
+
+from __future__ import annotations
+
+import abc
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from contextlib import AbstractAsyncContextManager
+
+    from ipc.settings import Settings
+
+#: Outbound queues are declared with this many priority levels (API `priority` 1-5).
+MAX_PRIORITY = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to a consumer; pass it back to ack/nack."""
+
+    body: bytes
+    tag: int
+    redelivered: bool = False
+
+
+class Consumer(abc.ABC):
+    """An open consumer on one queue with at most `prefetch` unacked deliveries."""
+
+    @abc.abstractmethod
+    async def receive(self) -> Delivery:
+        """Wait for the next delivery."""
+
+    @abc.abstractmethod
+    async def ack(self, delivery: Delivery) -> None:
+        """Remove the message for good."""
+
+    @abc.abstractmethod
+    async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        """Give the message back (requeue=True: it is delivered again) or drop it."""
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        return await self.receive()
+
+
+class Broker(abc.ABC):
+    @abc.abstractmethod
+    async def declare_queue(self, queue: str, *, max_priority: int = 0) -> None:
+        """Create the durable queue if missing (idempotent). AMQP: bound to exchange `vumi`
+        with the queue name as routing key."""
+
+    @abc.abstractmethod
+    async def publish(self, queue: str, body: bytes, *, priority: int = 0) -> None:
+        """Durably enqueue one message (publisher confirm / committed write) and return.
+
+        The queue is declared first (with default arguments) if this broker has not
+        declared it yet, so that nothing published before a consumer exists is lost.
+        """
+
+    @abc.abstractmethod
+    def consume(self, queue: str, *, prefetch: int) -> AbstractAsyncContextManager[Consumer]:
+        """Open a consumer; on exit, unacked deliveries go back to the queue."""
+
+    @abc.abstractmethod
+    async def queue_length(self, queue: str) -> int:
+        """Messages waiting (not counting those delivered and unacked)."""
+
+    @abc.abstractmethod
+    async def delete_queue(self, queue: str) -> None:
+        """Delete the queue and its messages (no error if it does not exist)."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise BrokerUnavailable when the backend does not answer."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+
+@asynccontextmanager
+async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
+    """Open the broker the settings select: RabbitMQ when `settings.amqp` is set, else embedded."""
+    broker: Broker
+    if settings.amqp is not None:
+        from ipc.broker_amqp import AmqpBroker
+
+        broker = await AmqpBroker.connect(settings.amqp)
+    else:
+        from ipc.broker_sqlite import SqliteBroker
+
+        broker = await SqliteBroker.open(settings.data_dir / "queues.sqlite3")
+    try:
+        yield broker
+    finally:
+        await broker.aclose()

@@ -1,0 +1,468 @@
+"""The RabbitMQ Broker: the only module importing aiormq (and asyncio).
+
+aiormq runs on its own asyncio loop in a daemon thread (faster than trio-asyncio); trio tasks
+submit coroutines to it and wait without blocking trio. Every library error becomes
+BrokerUnavailable in `_unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio  # noqa: TID251 - this module is the one asyncio bridge
+import concurrent.futures
+import logging
+import threading
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import quote
+
+import aiormq  # noqa: TID251 - this module is the one AMQP client importer
+import trio
+from aiormq.exceptions import (  # noqa: TID251
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+)
+from pamqp.commands import Basic
+from pamqp.exceptions import PAMQPException
+
+from ipc.broker import Broker, Consumer, Delivery
+from ipc.errors import BrokerUnavailable
+from ipc.names import EXCHANGE
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+
+    from aiormq.abc import (  # noqa: TID251
+        AbstractChannel,
+        AbstractConnection,
+        ArgumentsType,
+        DeliveredMessage,
+    )
+
+    from ipc.settings import AmqpSettings
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+#: What aiormq raises when the broker, the connection or a channel fails.
+_FAILURES: Final = (AMQPError, PAMQPException, ChannelInvalidStateError, OSError)
+_PUBLISH: Final = "publish"
+_ADMIN: Final = "admin"
+
+
+def _unavailable(exc: BaseException) -> BrokerUnavailable:
+    """The one translation of aiormq/pamqp/socket errors into ours."""
+    if isinstance(exc, concurrent.futures.CancelledError):
+        return BrokerUnavailable("AMQP operation aborted: its channel or connection closed")
+    return BrokerUnavailable(f"RabbitMQ unavailable: {exc!r}")
+
+
+def _url(settings: AmqpSettings) -> str:
+    user = quote(settings.username, safe="")
+    password = quote(settings.password.get_secret_value(), safe="")
+    host = f"[{settings.hostname}]" if ":" in settings.hostname else settings.hostname
+    vhost = "" if settings.vhost == "/" else quote(settings.vhost, safe="")
+    return f"amqp://{user}:{password}@{host}:{settings.port}/{vhost}?heartbeat={settings.heartbeat}"
+
+
+def _cancelled_by_caller() -> bool:
+    """Tell our own cancellation from aiormq cancelling futures of a closing channel."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+# --- the asyncio side (runs on the loop thread only) ------------------------------------------
+
+
+class _Core:
+    """Connection, shared channels and the declared-queue cache; touched only on the loop."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: AbstractConnection | None = None
+        self._channels: dict[str, AbstractChannel] = {}
+        #: queue -> max_priority it was declared with on this connection.
+        self._declared: dict[str, int] = {}
+        self._setup = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _connection(self) -> AbstractConnection:
+        async with self._setup:
+            if self._conn is None or self._conn.is_closed:
+                self._channels.clear()
+                self._declared.clear()
+                conn = await aiormq.connect(self._url)
+                try:
+                    channel = await conn.channel(publisher_confirms=False)
+                    await channel.exchange_declare(EXCHANGE, exchange_type="direct", durable=True)
+                except BaseException:
+                    await conn.close()
+                    raise
+                self._conn = conn
+                self._channels[_ADMIN] = channel
+            return self._conn
+
+    async def _channel(self, kind: str) -> AbstractChannel:
+        conn = await self._connection()
+        async with self._setup:
+            channel = self._channels.get(kind)
+            if channel is None or channel.is_closed:
+                if conn.is_closed:
+                    raise aiormq.AMQPConnectionError("connection closed")
+                channel = await conn.channel(publisher_confirms=kind == _PUBLISH)
+                self._channels[kind] = channel
+            return channel
+
+    def _discard(self, channel: AbstractChannel) -> None:
+        """Forget a channel that failed; the next call opens a fresh one."""
+        for kind, known in list(self._channels.items()):
+            if known is channel:
+                del self._channels[kind]
+        if not channel.is_closed:
+            self._spawn(channel.close())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("closing a discarded AMQP channel failed: %r", task.exception())
+
+    @asynccontextmanager
+    async def _using(self, kind: str) -> AsyncIterator[AbstractChannel]:
+        channel = await self._channel(kind)
+        try:
+            yield channel
+        except asyncio.CancelledError:
+            # aiormq closes a channel whose RPC was cancelled; a cancelled publish leaves
+            # its channel usable (and a stale one is caught by the retry below).
+            if kind != _PUBLISH or not _cancelled_by_caller():
+                self._discard(channel)
+            raise
+        except DeliveryError:
+            raise  # nack or return: the channel is fine
+        except _FAILURES:
+            self._discard(channel)
+            raise
+
+    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run `op`; if its channel or connection failed, once more on fresh ones."""
+        try:
+            return await op()
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+        except _FAILURES as exc:
+            log.debug("AMQP call failed, retrying once: %r", exc)
+        return await op()
+
+    # --- operations -----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self._connection()
+
+    async def declare(self, queue: str, max_priority: int, *, if_new: bool) -> None:
+        known = self._declared.get(queue)
+        if known is not None and (if_new or known == max_priority):
+            return
+        await self._retrying(lambda: self._declare(queue, max_priority))
+
+    async def _declare(self, queue: str, max_priority: int) -> None:
+        arguments: ArgumentsType | None = (
+            {"x-max-priority": max_priority} if max_priority > 0 else None
+        )
+        try:
+            async with self._using(_ADMIN) as channel:
+                await channel.queue_declare(queue, durable=True, arguments=arguments)
+        except ChannelPreconditionFailed:
+            # Declared earlier with other arguments (another gateway, a vumi worker):
+            # use it as it is rather than fail.
+            log.warning("queue %s exists with other arguments; using it as declared", queue)
+            async with self._using(_ADMIN) as channel:
+                await channel.queue_declare(queue, passive=True)
+        async with self._using(_ADMIN) as channel:
+            await channel.queue_bind(queue, EXCHANGE, routing_key=queue)
+        self._declared[queue] = max_priority
+
+    async def publish(self, queue: str, body: bytes, priority: int) -> None:
+        async def once() -> None:
+            if queue not in self._declared:
+                await self._declare(queue, 0)
+            properties = Basic.Properties(delivery_mode=2, priority=priority)
+            try:
+                async with self._using(_PUBLISH) as channel:
+                    await channel.basic_publish(
+                        body,
+                        exchange=EXCHANGE,
+                        routing_key=queue,
+                        properties=properties,
+                        # Unroutable means the queue was deleted since we declared it:
+                        # RabbitMQ returns it and the retry declares it again.
+                        mandatory=True,
+                    )
+            except DeliveryError:
+                self._declared.pop(queue, None)
+                raise
+
+        await self._retrying(once)
+
+    async def open_consumer(
+        self,
+        queue: str,
+        prefetch: int,
+        on_message: Callable[[DeliveredMessage], None],
+        on_closed: Callable[[str], None],
+    ) -> AbstractChannel:
+        await self.declare(queue, 0, if_new=True)
+
+        async def callback(message: DeliveredMessage) -> None:
+            on_message(message)
+
+        async def once() -> AbstractChannel:
+            conn = await self._connection()
+            channel = await conn.channel(publisher_confirms=False)
+            try:
+                await channel.basic_qos(prefetch_count=prefetch)
+                channel.on_consumer_cancel_callbacks.add(
+                    lambda _frame: on_closed(f"RabbitMQ cancelled the consumer of {queue}")
+                )
+                await channel.basic_consume(queue, callback, no_ack=False)
+            except BaseException:
+                self._spawn(channel.close())
+                raise
+            channel.closing.add_done_callback(
+                lambda closing: on_closed(f"AMQP channel closed: {_reason(closing)}")
+            )
+            return channel
+
+        return await self._retrying(once)
+
+    async def close_consumer(self, channel: AbstractChannel) -> None:
+        # Closing the channel cancels its consumer and requeues its unacked deliveries.
+        await channel.close()
+
+    async def settle(self, channel: AbstractChannel, tag: int, *, ack: bool, requeue: bool) -> None:
+        if ack:
+            await channel.basic_ack(tag)
+        else:
+            await channel.basic_nack(tag, requeue=requeue)
+
+    async def queue_length(self, queue: str) -> int:
+        async def once() -> int:
+            try:
+                async with self._using(_ADMIN) as channel:
+                    declared = await channel.queue_declare(queue, passive=True)
+            except ChannelNotFoundEntity:
+                return 0
+            return declared.message_count or 0
+
+        return await self._retrying(once)
+
+    async def delete_queue(self, queue: str) -> None:
+        async def once() -> None:
+            self._declared.pop(queue, None)
+            with suppress(ChannelNotFoundEntity):
+                async with self._using(_ADMIN) as channel:
+                    await channel.queue_delete(queue)
+
+        await self._retrying(once)
+
+    async def ping(self) -> None:
+        async def once() -> None:
+            async with self._using(_ADMIN) as channel:
+                await channel.exchange_declare(EXCHANGE, exchange_type="direct", passive=True)
+
+        await self._retrying(once)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._conn is not None:
+            await self._conn.close()
+
+
+def _reason(closing: asyncio.Future[Any]) -> str:
+    if closing.cancelled():
+        return "closed"
+    return repr(closing.exception())
+
+
+class _LoopThread:
+    """An asyncio event loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="junebug-amqp", daemon=True)
+        self._stopped = False
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    async def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        await trio.to_thread.run_sync(self._thread.join)
+
+
+# --- the trio side ---------------------------------------------------------------------------
+
+
+class AmqpBroker(Broker):
+    def __init__(self, runner: _LoopThread, core: _Core, token: trio.lowlevel.TrioToken) -> None:
+        self._runner = runner
+        self._core = core
+        self._token = token
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, settings: AmqpSettings) -> AmqpBroker:
+        runner = _LoopThread()
+        broker = cls(runner, _Core(_url(settings)), trio.lowlevel.current_trio_token())
+        try:
+            await broker._call(broker._core.connect())
+        except BaseException:
+            await broker.aclose()
+            raise
+        return broker
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the loop thread and wait for it without blocking trio.
+
+        Cancellation: cancels the asyncio task; the operation may still have taken effect.
+        """
+        if self._closed:
+            coro.close()
+            raise BrokerUnavailable("the AMQP broker is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._runner.loop)
+        done = trio.Event()
+
+        def wake(_: concurrent.futures.Future[T]) -> None:
+            with suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            future.cancel()
+            raise
+        try:
+            return future.result()
+        except (*_FAILURES, concurrent.futures.CancelledError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def declare_queue(self, queue: str, *, max_priority: int = 0) -> None:
+        await self._call(self._core.declare(queue, max_priority, if_new=False))
+
+    async def publish(self, queue: str, body: bytes, *, priority: int = 0) -> None:
+        await self._call(self._core.publish(queue, body, priority))
+
+    @asynccontextmanager
+    async def consume(self, queue: str, *, prefetch: int) -> AsyncIterator[Consumer]:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        consumer = _AmqpConsumer(self, prefetch)
+        token = self._token
+
+        def on_message(message: DeliveredMessage) -> None:
+            delivery = Delivery(
+                body=message.body,
+                tag=message.delivery_tag or 0,
+                redelivered=bool(message.redelivered),
+            )
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(consumer.deliver, delivery)
+
+        def on_closed(reason: str) -> None:
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(consumer.fail, reason)
+
+        channel = await self._call(self._core.open_consumer(queue, prefetch, on_message, on_closed))
+        consumer.channel = channel
+        try:
+            yield consumer
+        finally:
+            consumer.fail("the consumer is closed")
+            # Nothing to release when the connection is already gone.
+            with trio.move_on_after(2, shield=True), suppress(BrokerUnavailable):
+                await self._call(self._core.close_consumer(channel))
+
+    async def queue_length(self, queue: str) -> int:
+        return await self._call(self._core.queue_length(queue))
+
+    async def delete_queue(self, queue: str) -> None:
+        await self._call(self._core.delete_queue(queue))
+
+    async def ping(self) -> None:
+        await self._call(self._core.ping())
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        with trio.move_on_after(5, shield=True), suppress(BrokerUnavailable):
+            await self._call(self._core.close())
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await self._runner.stop()
+
+
+class _AmqpConsumer(Consumer):
+    def __init__(self, broker: AmqpBroker, prefetch: int) -> None:
+        self._broker = broker
+        # basic_qos(prefetch) bounds unacked deliveries, so this buffer never fills.
+        self._send, self._recv = trio.open_memory_channel[Delivery](prefetch)
+        self._unacked: set[int] = set()
+        self._failure: str | None = None
+        self.channel: AbstractChannel | None = None
+
+    def deliver(self, delivery: Delivery) -> None:
+        # A delivery arriving after close stays unacked on the closing channel and is requeued.
+        with suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._send.send_nowait(delivery)
+
+    def fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+        self._send.close()
+
+    async def receive(self) -> Delivery:
+        # Deliveries still buffered from a failed channel can no longer be acked: skip them.
+        if self._failure is None:
+            with suppress(trio.EndOfChannel):
+                delivery = await self._recv.receive()
+                if self._failure is None:
+                    self._unacked.add(delivery.tag)
+                    return delivery
+        raise BrokerUnavailable(self._failure or "the consumer is closed")
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self._settle(delivery, ack=True, requeue=False)
+
+    async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        await self._settle(delivery, ack=False, requeue=requeue)
+
+    async def _settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
+        # An unknown or repeated tag would make RabbitMQ close the channel; ignore it.
+        if delivery.tag not in self._unacked or self.channel is None:
+            return
+        await self._broker._call(
+            self._broker._core.settle(self.channel, delivery.tag, ack=ack, requeue=requeue)
+        )
+        self._unacked.discard(delivery.tag)

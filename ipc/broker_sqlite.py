@@ -1,0 +1,431 @@
+"""The embedded Broker: durable queues in one SQLite file (WAL), shared by every local process.
+
+API workers publish, a channel process consumes. A message is a row; a consumer claims rows,
+`ack` deletes them, and rows claimed by a consumer that went away (kill -9 included) come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+import sqlite3
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, TypeVar, cast
+
+import trio
+
+from ipc.broker import Broker, Consumer, Delivery
+from ipc.errors import BrokerUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+T = TypeVar("T")
+
+#: Seconds a write waits for another process's write lock before BrokerUnavailable.
+BUSY_TIMEOUT: Final = 5.0
+#: SQLite has no cross-process change notification, so a waiting consumer polls for other
+#: processes' publishes: quickly after traffic, backing off to POLL_MAX when idle.
+POLL_MIN: Final = 0.005
+POLL_MAX: Final = 0.1
+#: A waiting consumer refreshes its heartbeat (and reclaims dead consumers' rows) this often.
+HEARTBEAT_INTERVAL: Final = 5.0
+#: A consumer whose heartbeat is older than this is presumed dead even if its pid exists
+#: (pid reused, another host, or a process that stopped receiving and acking).
+STALE_AFTER: Final = 60.0
+
+_HOST: Final = socket.gethostname()
+
+# `consumer` is NULL while a row is ready; AUTOINCREMENT keeps ids rising so `id` is FIFO order.
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY, max_priority INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL, priority INTEGER NOT NULL, body BLOB NOT NULL,
+    consumer INTEGER, deliveries INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, consumer, priority DESC, id);
+CREATE INDEX IF NOT EXISTS messages_claimed ON messages (consumer);
+CREATE TABLE IF NOT EXISTS consumers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL, heartbeat REAL NOT NULL
+);
+"""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- statements (run in a worker thread, inside the caller's transaction) -----------------
+
+
+def _declare(conn: sqlite3.Connection, queue: str, max_priority: int) -> None:
+    # Like AMQP, the first declaration's arguments stick.
+    conn.execute(
+        "INSERT OR IGNORE INTO queues (name, max_priority) VALUES (?, ?)",
+        (queue, max(0, max_priority)),
+    )
+
+
+def _insert(conn: sqlite3.Connection, queue: str, body: bytes, priority: int) -> None:
+    _declare(conn, queue, 0)
+    # Priorities are clamped to the queue's max_priority, as RabbitMQ does (0 when undeclared).
+    conn.execute(
+        "INSERT INTO messages (queue, priority, body) VALUES "
+        "(?, MIN(MAX(?, 0), (SELECT max_priority FROM queues WHERE name = ?)), ?)",
+        (queue, priority, queue, body),
+    )
+
+
+def _has_ready(conn: sqlite3.Connection, queue: str) -> bool:
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM messages WHERE queue = ? AND consumer IS NULL)", (queue,)
+    ).fetchone()
+    return bool(row[0])
+
+
+def _claim(conn: sqlite3.Connection, consumer: int, queue: str, limit: int) -> list[Delivery]:
+    rows = conn.execute(
+        "UPDATE messages SET consumer = ?, deliveries = deliveries + 1 WHERE id IN "
+        "(SELECT id FROM messages WHERE queue = ? AND consumer IS NULL "
+        "ORDER BY priority DESC, id LIMIT ?) "
+        "RETURNING id, body, deliveries, priority",
+        (consumer, queue, limit),
+    ).fetchall()
+    # RETURNING gives no order guarantee.
+    rows.sort(key=lambda r: (-r[3], r[0]))
+    return [Delivery(body=bytes(r[1]), tag=r[0], redelivered=r[2] > 1) for r in rows]
+
+
+def _settle(conn: sqlite3.Connection, consumer: int, tag: int, *, requeue: bool) -> None:
+    # The consumer check makes a late ack of a row reclaimed from us a no-op.
+    if requeue:
+        conn.execute(
+            "UPDATE messages SET consumer = NULL WHERE id = ? AND consumer = ?", (tag, consumer)
+        )
+    else:
+        conn.execute("DELETE FROM messages WHERE id = ? AND consumer = ?", (tag, consumer))
+
+
+def _release(conn: sqlite3.Connection, consumer: int) -> None:
+    conn.execute("UPDATE messages SET consumer = NULL WHERE consumer = ?", (consumer,))
+    conn.execute("DELETE FROM consumers WHERE id = ?", (consumer,))
+
+
+def _reclaim_dead(conn: sqlite3.Connection) -> int:
+    """Release the rows of consumers whose process is gone; returns how many were dead."""
+    now = time.time()
+    dead = [
+        cid
+        for cid, pid, host, beat in conn.execute("SELECT id, pid, host, heartbeat FROM consumers")
+        if now - beat > STALE_AFTER or (host == _HOST and not _pid_alive(pid))
+    ]
+    for cid in dead:
+        _release(conn, cid)
+    return len(dead)
+
+
+def _open_consumer(conn: sqlite3.Connection, queue: str) -> tuple[int, int]:
+    """Declare the queue, reclaim dead consumers' rows, register: (consumer id, dead found)."""
+    _declare(conn, queue, 0)
+    dead = _reclaim_dead(conn)
+    cur = conn.execute(
+        "INSERT INTO consumers (queue, pid, host, heartbeat) VALUES (?, ?, ?, ?)",
+        (queue, os.getpid(), _HOST, time.time()),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid, dead
+
+
+def _beat(conn: sqlite3.Connection, consumer: int) -> tuple[bool, int]:
+    """Refresh our heartbeat and reclaim dead consumers' rows: (still registered, dead found).
+
+    Not registered means another process presumed us dead and released our rows.
+    """
+    cur = conn.execute("UPDATE consumers SET heartbeat = ? WHERE id = ?", (time.time(), consumer))
+    return cur.rowcount == 1, _reclaim_dead(conn)
+
+
+# --- the broker -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Write:
+    fn: Callable[[sqlite3.Connection], object]
+    done: bool = False
+    result: object = None
+    error: sqlite3.Error | None = None
+
+
+@dataclass(slots=True)
+class _Arrivals:
+    """Per-queue events that wake this process's consumers when it publishes or releases."""
+
+    events: dict[str, trio.Event] = field(default_factory=dict)
+
+    def event(self, queue: str) -> trio.Event:
+        return self.events.setdefault(queue, trio.Event())
+
+    def notify(self, queue: str) -> None:
+        event = self.events.pop(queue, None)
+        if event is not None:
+            event.set()
+
+    def notify_all(self) -> None:
+        for queue in list(self.events):
+            self.notify(queue)
+
+
+class SqliteBroker(Broker):
+    """One connection per broker, used by one worker thread at a time (under `_lock`)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = trio.Lock()
+        self._pending: list[_Write] = []
+        self._arrivals = _Arrivals()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteBroker:
+        try:
+            conn = await trio.to_thread.run_sync(_connect, path)
+        except (OSError, sqlite3.Error) as exc:
+            raise BrokerUnavailable(f"cannot open the embedded queue at {path}: {exc}") from exc
+        return cls(conn)
+
+    # --- database access ----------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._lock:
+            conn = self._open_conn()
+            try:
+                return await trio.to_thread.run_sync(fn, conn)
+            except sqlite3.Error as exc:
+                raise BrokerUnavailable(f"embedded queue read failed: {exc}") from exc
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in a write transaction, committed together with other tasks' pending writes.
+
+        Group commit: whoever holds the lock commits every queued write in one transaction
+        (one fsync), so concurrent publishers do not each pay for a sync.
+
+        Cancellation: a write cancelled before its batch started is dropped; once started it
+        commits (a cancelled publish may still arrive).
+        """
+        op = _Write(fn)
+        self._pending.append(op)
+        try:
+            async with self._lock:
+                if not op.done:
+                    batch, self._pending = self._pending, []
+                    await trio.to_thread.run_sync(_commit, self._open_conn(), batch)
+        except trio.Cancelled:
+            if op in self._pending:
+                self._pending.remove(op)
+            raise
+        if op.error is not None:
+            raise BrokerUnavailable(f"embedded queue write failed: {op.error}") from op.error
+        return cast("T", op.result)
+
+    def _open_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise BrokerUnavailable("the embedded queue is closed")
+        return self._conn
+
+    # --- Broker -------------------------------------------------------------------------
+
+    async def declare_queue(self, queue: str, *, max_priority: int = 0) -> None:
+        await self._write(functools.partial(_declare, queue=queue, max_priority=max_priority))
+
+    async def publish(self, queue: str, body: bytes, *, priority: int = 0) -> None:
+        await self._write(functools.partial(_insert, queue=queue, body=body, priority=priority))
+        self._arrivals.notify(queue)
+
+    @asynccontextmanager
+    async def consume(self, queue: str, *, prefetch: int) -> AsyncIterator[Consumer]:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        consumer_id, dead = await self._write(functools.partial(_open_consumer, queue=queue))
+        if dead:
+            self._arrivals.notify_all()
+        consumer = _SqliteConsumer(self, consumer_id, queue, prefetch)
+        try:
+            yield consumer
+        finally:
+            consumer.closed = True
+            # A failed release is recovered by others once our heartbeat goes stale.
+            with trio.move_on_after(2, shield=True), contextlib.suppress(BrokerUnavailable):
+                await self._write(functools.partial(_release, consumer=consumer_id))
+                self._arrivals.notify(queue)
+
+    async def queue_length(self, queue: str) -> int:
+        def count(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE queue = ? AND consumer IS NULL", (queue,)
+            ).fetchone()
+            return int(row[0])
+
+        return await self._read(count)
+
+    async def delete_queue(self, queue: str) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM messages WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM queues WHERE name = ?", (queue,))
+
+        await self._write(delete)
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await trio.to_thread.run_sync(conn.close)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE) so a write never has
+    # to upgrade a read lock, which deadlocks between processes.
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+    )
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode!r})")
+        # FULL: a committed publish survives power loss, as a RabbitMQ confirm does.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _commit(conn: sqlite3.Connection, batch: list[_Write]) -> None:
+    # Anything else than a commit fails every write of the batch; a bug still propagates
+    # to the task that ran the batch.
+    error: sqlite3.Error | None = sqlite3.OperationalError("the write batch was aborted")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in batch:
+                op.result = op.fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        error = None
+    except sqlite3.Error as exc:
+        error = exc
+    finally:
+        for op in batch:
+            op.error = error
+            op.done = True
+
+
+class _SqliteConsumer(Consumer):
+    def __init__(self, broker: SqliteBroker, consumer_id: int, queue: str, prefetch: int) -> None:
+        self._broker = broker
+        self._id = consumer_id
+        self._queue = queue
+        self._prefetch = prefetch
+        self._buffer: deque[Delivery] = deque()
+        #: Claimed and not yet acked/nacked, buffered ones included: at most `prefetch`.
+        self._unacked: set[int] = set()
+        self._claiming = trio.Lock()
+        self._settled = trio.Event()
+        self._next_heartbeat = trio.current_time() + HEARTBEAT_INTERVAL
+        self.closed = False
+
+    async def receive(self) -> Delivery:
+        interval = POLL_MIN
+        polled = False
+        while True:
+            if self.closed:
+                raise BrokerUnavailable("the consumer is closed")
+            if self._buffer:
+                return self._buffer.popleft()
+            await self._heartbeat_if_due()
+            if len(self._unacked) >= self._prefetch:
+                settled = self._settled
+                with trio.move_on_after(HEARTBEAT_INTERVAL):
+                    await settled.wait()
+                continue
+            arrived = self._broker._arrivals.event(self._queue)
+            if await self._claim(check_first=polled):
+                interval, polled = POLL_MIN, False
+                continue
+            with trio.move_on_after(interval) as waiting:
+                await arrived.wait()
+            polled = waiting.cancelled_caught
+            interval = min(interval * 2, POLL_MAX) if polled else POLL_MIN
+
+    async def _claim(self, *, check_first: bool) -> bool:
+        async with self._claiming:
+            room = self._prefetch - len(self._unacked)
+            if room <= 0 or self._buffer:
+                return bool(self._buffer)
+            # A poll reads before claiming so idle consumers never take the write lock.
+            if check_first and not await self._broker._read(
+                functools.partial(_has_ready, queue=self._queue)
+            ):
+                return False
+            claimed = await self._broker._write(
+                functools.partial(_claim, consumer=self._id, queue=self._queue, limit=room)
+            )
+            self._unacked.update(d.tag for d in claimed)
+            self._buffer.extend(claimed)
+            return bool(claimed)
+
+    async def _heartbeat_if_due(self) -> None:
+        if trio.current_time() < self._next_heartbeat:
+            return
+        self._next_heartbeat = trio.current_time() + HEARTBEAT_INTERVAL
+        registered, dead = await self._broker._write(functools.partial(_beat, consumer=self._id))
+        if dead:
+            self._broker._arrivals.notify_all()
+        if not registered:
+            self.closed = True
+            raise BrokerUnavailable("this consumer was presumed dead and its messages released")
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self._settle(delivery, requeue=False)
+
+    async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        await self._settle(delivery, requeue=requeue)
+        if requeue:
+            self._broker._arrivals.notify(self._queue)
+
+    async def _settle(self, delivery: Delivery, *, requeue: bool) -> None:
+        # Settling twice is a no-op here; in AMQP it would kill the channel.
+        if delivery.tag not in self._unacked:
+            return
+        await self._broker._write(
+            functools.partial(_settle, consumer=self._id, tag=delivery.tag, requeue=requeue)
+        )
+        self._unacked.discard(delivery.tag)
+        self._settled.set()
+        self._settled = trio.Event()

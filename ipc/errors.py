@@ -1,0 +1,46 @@
+"""Errors that cross process boundaries or come out of the ipc adapters.
+
+JunebugIpcError
+├── ProtocolError          a frame or message could not be decoded; the connection is closed
+├── ConnectionClosedError  the peer went away mid-request
+├── RemoteError            the peer answered a request with ErrorReply (boxed type + message)
+├── StoreUnavailable       the state store (Redis / embedded) cannot be reached or written
+└── BrokerUnavailable      the queue broker (RabbitMQ / embedded) cannot be reached or written
+    └── QueueFull          the queue refused a message (backpressure)
+"""
+
+from __future__ import annotations
+
+
+class JunebugIpcError(Exception):
+    """Base of every error raised by the ipc package."""
+
+
+class ProtocolError(JunebugIpcError):
+    pass
+
+
+class ConnectionClosedError(JunebugIpcError):
+    pass
+
+
+class RemoteError(JunebugIpcError):
+    """The remote side failed a request; `error_type` names its exception class or error code."""
+
+    def __init__(self, error_type: str, message: str, *, code: int = 500) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.code = code
+
+
+class StoreUnavailable(JunebugIpcError):
+    pass
+
+
+class BrokerUnavailable(JunebugIpcError):
+    pass
+
+
+class QueueFull(BrokerUnavailable):
+    pass

@@ -1,0 +1,131 @@
+"""The state-store interface (channels, statuses, message records, rates) and its factory.
+
+Two implementations sit behind it: Redis (ipc/state_redis.py, the only Redis
+importer) and the embedded SQLite store (ipc/state_sqlite.py). Both must pass
+the same tests (tests/ipc/test_state.py). Every method raises StoreUnavailable
+when the backend cannot be reached, never a library exception.
+"""
+
+from __future__ import annotations
+
+import abc
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from ipc.names import Namespace
+    from ipc.settings import Settings
+
+JsonObject = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRecord:
+    """What is stored for an outbound message: the send record and its events, oldest first."""
+
+    message: JsonObject | None
+    events: list[JsonObject] = field(default_factory=list)
+
+
+class StateStore(abc.ABC):
+    """Configuration and temporary state. TTLs are in seconds and slide: reads refresh them."""
+
+    # --- channels ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def save_channel(self, channel_id: str, properties: JsonObject) -> None:
+        """Create or replace a channel's properties and add it to the channel set."""
+
+    @abc.abstractmethod
+    async def get_channel(self, channel_id: str) -> JsonObject | None: ...
+
+    @abc.abstractmethod
+    async def list_channels(self) -> list[str]:
+        """All channel ids, sorted."""
+
+    @abc.abstractmethod
+    async def delete_channel(self, channel_id: str) -> bool:
+        """Remove the channel and everything stored under it (status, messages, rates).
+
+        Returns False when it did not exist.
+        """
+
+    # --- status -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def set_status(self, channel_id: str, component: str, status: JsonObject) -> None:
+        """Store the latest status event of one component (no TTL)."""
+
+    @abc.abstractmethod
+    async def get_statuses(self, channel_id: str) -> dict[str, JsonObject]:
+        """component -> latest status event."""
+
+    # --- message records --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def put_inbound(
+        self, channel_id: str, message_id: str, message: JsonObject, ttl: float
+    ) -> None:
+        """Keep an inbound vumi message so replies can find it."""
+
+    @abc.abstractmethod
+    async def get_inbound(self, channel_id: str, message_id: str, ttl: float) -> JsonObject | None:
+        """The inbound vumi message, or None when unknown or expired; refreshes the TTL."""
+
+    @abc.abstractmethod
+    async def put_outbound(
+        self, channel_id: str, message_id: str, record: JsonObject, ttl: float
+    ) -> None:
+        """Store the send record (API message object plus event_url, event_auth_token...)."""
+
+    @abc.abstractmethod
+    async def add_event(
+        self, channel_id: str, message_id: str, event_id: str, event: JsonObject, ttl: float
+    ) -> None:
+        """Add one event to an outbound record (creating the record if it is missing)."""
+
+    @abc.abstractmethod
+    async def get_outbound(
+        self, channel_id: str, message_id: str, ttl: float
+    ) -> OutboundRecord | None:
+        """The record and its events (ordered by insertion), None when nothing is stored."""
+
+    # --- rates ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def incr_rate(self, owner_id: str, label: str, bucket: int, ttl: float) -> None:
+        """Add one to the counter `owner_id:label:bucket` (expires after ttl)."""
+
+    @abc.abstractmethod
+    async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:
+        """The counters of one bucket for each label; missing counters read 0."""
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the backend does not answer."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+
+@asynccontextmanager
+async def open_state(settings: Settings, namespace: Namespace) -> AsyncIterator[StateStore]:
+    """Open the store the settings select: Redis when `settings.redis` is set, else embedded."""
+    store: StateStore
+    if settings.redis is not None:
+        from ipc.state_redis import RedisStateStore
+
+        store = await RedisStateStore.connect(settings.redis, namespace)
+    else:
+        from ipc.state_sqlite import SqliteStateStore
+
+        store = await SqliteStateStore.open(settings.data_dir / "state.sqlite3", namespace)
+    try:
+        yield store
+    finally:
+        await store.aclose()

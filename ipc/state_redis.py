@@ -1,0 +1,280 @@
+"""The Redis StateStore: the only module that imports the Redis client.
+
+Sync redis-py in worker threads (trio.to_thread, at most 16 at once); every interface
+call is one MULTI/EXEC pipeline, so one round trip (delete_channel adds its SCAN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import redis  # this module is the single Redis importer
+import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ipc.errors import StoreUnavailable
+from ipc.state import JsonObject, OutboundRecord, StateStore
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from ipc.names import Namespace
+    from ipc.settings import RedisSettings
+
+T = TypeVar("T")
+Command = tuple[str | int, ...]
+
+#: Worker threads (and so pooled connections) one store uses at once.
+MAX_THREADS: Final = 16
+SOCKET_TIMEOUT: Final = 5.0
+SCAN_BATCH: Final = 500
+
+_GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
+
+
+def _dump(obj: JsonObject) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _ms(ttl: float) -> int:
+    # PEXPIRE rather than EXPIRE so sub-second TTLs work; 0 would delete the key at once.
+    return max(1, math.ceil(ttl * 1000))
+
+
+def _glob_escape(text: str) -> str:
+    return text.translate(_GLOB_SPECIAL)
+
+
+class RedisStateStore(StateStore):
+    """Keys as the original Junebug lays them out (behaviour.md section 12).
+
+    Under `[key_prefix:][namespace:]`: `channels` (set), `{cid}:properties`, `{cid}:status`
+    (hash), `{cid}:inbound_messages:{mid}` (hash field `message`),
+    `{cid}:outbound_messages:{mid}` (hash: `message` plus one field per event id) and
+    `{id}:{label}:{bucket}` counters. Event order lives in a companion list
+    `{cid}:outbound_messages:{mid}:event_order` of event ids with the hash's TTL; events
+    found in the hash but not in the list (written by the original) follow, by timestamp.
+    """
+
+    def __init__(self, settings: RedisSettings, namespace: Namespace) -> None:
+        password = settings.password.get_secret_value() if settings.password else None
+        self._pool = redis.ConnectionPool(
+            host=settings.host,
+            port=settings.port,
+            db=settings.db,
+            password=password,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            decode_responses=True,
+            # One immediate retry replaces a pooled connection the server dropped; more
+            # would only delay StoreUnavailable while Redis is really gone.
+            retry=Retry(NoBackoff(), 1),
+            max_connections=MAX_THREADS * 2,
+        )
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._limiter = trio.CapacityLimiter(MAX_THREADS)
+        self._namespace = namespace
+        self._prefix = f"{settings.key_prefix}:" if settings.key_prefix else ""
+        self._where = f"redis://{settings.host}:{settings.port}/{settings.db}"
+
+    @classmethod
+    async def connect(cls, settings: RedisSettings, namespace: Namespace) -> RedisStateStore:
+        """Open a pool and check it with PING; StoreUnavailable when Redis does not answer."""
+        store = cls(settings, namespace)
+        try:
+            await store.ping()
+        except BaseException:
+            store._pool.disconnect()
+            raise
+        return store
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + self._namespace.key(*parts)
+
+    def _outbound_keys(self, channel_id: str, message_id: str) -> tuple[str, str]:
+        record = self._key(channel_id, "outbound_messages", message_id)
+        return record, f"{record}:event_order"
+
+    async def _call(self, fn: Callable[[redis.Redis], T]) -> T:
+        """Run fn(client) in a worker thread; the one place Redis errors are translated."""
+        try:
+            return await trio.to_thread.run_sync(fn, self._client, limiter=self._limiter)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"{self._where}: {exc}") from exc
+
+    async def _execute(self, *commands: Command, atomic: bool = True) -> list[Any]:
+        """Send the commands in one round trip and return their replies.
+
+        atomic wraps them in MULTI/EXEC, so a write never lands without its TTL; reads skip
+        it, as a half-applied read (value without refresh) is harmless and MULTI/EXEC costs
+        two more commands per call.
+        """
+
+        def run(client: redis.Redis) -> list[Any]:
+            with client.pipeline(transaction=atomic) as pipe:
+                for command in commands:
+                    # redis-py leaves execute_command unannotated; replies are parsed by name.
+                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                return pipe.execute()
+
+        return await self._call(run)
+
+    # --- channels ---------------------------------------------------------------------
+
+    async def save_channel(self, channel_id: str, properties: JsonObject) -> None:
+        await self._execute(
+            ("SET", self._key(channel_id, "properties"), _dump(properties)),
+            ("SADD", self._key("channels"), channel_id),
+        )
+
+    async def get_channel(self, channel_id: str) -> JsonObject | None:
+        (raw,) = await self._execute(("GET", self._key(channel_id, "properties")), atomic=False)
+        return None if raw is None else json.loads(raw)
+
+    async def list_channels(self) -> list[str]:
+        (members,) = await self._execute(("SMEMBERS", self._key("channels")), atomic=False)
+        return sorted(members)
+
+    async def delete_channel(self, channel_id: str) -> bool:
+        fixed = (self._key(channel_id, "properties"), self._key(channel_id, "status"))
+        pattern = _glob_escape(self._key(channel_id, "")) + "*"
+
+        def run(client: redis.Redis) -> bool:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.srem(self._key("channels"), channel_id)
+                pipe.delete(*fixed)
+                removed_member, removed_keys = pipe.execute()
+            batch: list[str] = []
+            for key in client.scan_iter(match=pattern, count=SCAN_BATCH):
+                batch.append(key)
+                if len(batch) >= SCAN_BATCH:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                client.unlink(*batch)
+            return bool(removed_member or removed_keys)
+
+        return await self._call(run)
+
+    # --- status -----------------------------------------------------------------------
+
+    async def set_status(self, channel_id: str, component: str, status: JsonObject) -> None:
+        await self._execute(("HSET", self._key(channel_id, "status"), component, _dump(status)))
+
+    async def get_statuses(self, channel_id: str) -> dict[str, JsonObject]:
+        (raw,) = await self._execute(("HGETALL", self._key(channel_id, "status")), atomic=False)
+        return {component: json.loads(value) for component, value in raw.items()}
+
+    # --- message records --------------------------------------------------------------
+
+    async def put_inbound(
+        self, channel_id: str, message_id: str, message: JsonObject, ttl: float
+    ) -> None:
+        key = self._key(channel_id, "inbound_messages", message_id)
+        await self._execute(("HSET", key, "message", _dump(message)), ("PEXPIRE", key, _ms(ttl)))
+
+    async def get_inbound(self, channel_id: str, message_id: str, ttl: float) -> JsonObject | None:
+        key = self._key(channel_id, "inbound_messages", message_id)
+        raw, _ = await self._execute(
+            ("HGET", key, "message"), ("PEXPIRE", key, _ms(ttl)), atomic=False
+        )
+        return None if raw is None else json.loads(raw)
+
+    async def put_outbound(
+        self, channel_id: str, message_id: str, record: JsonObject, ttl: float
+    ) -> None:
+        key, order = self._outbound_keys(channel_id, message_id)
+        await self._execute(
+            ("HSET", key, "message", _dump(record)),
+            ("PEXPIRE", key, _ms(ttl)),
+            ("PEXPIRE", order, _ms(ttl)),
+        )
+
+    async def add_event(
+        self, channel_id: str, message_id: str, event_id: str, event: JsonObject, ttl: float
+    ) -> None:
+        key, order = self._outbound_keys(channel_id, message_id)
+        await self._execute(
+            ("HSET", key, event_id, _dump(event)),
+            ("RPUSH", order, event_id),
+            ("PEXPIRE", key, _ms(ttl)),
+            ("PEXPIRE", order, _ms(ttl)),
+        )
+
+    async def get_outbound(
+        self, channel_id: str, message_id: str, ttl: float
+    ) -> OutboundRecord | None:
+        key, order = self._outbound_keys(channel_id, message_id)
+        fields, event_ids, _, _ = await self._execute(
+            ("HGETALL", key),
+            ("LRANGE", order, 0, -1),
+            ("PEXPIRE", key, _ms(ttl)),
+            ("PEXPIRE", order, _ms(ttl)),
+            atomic=False,
+        )
+        if not fields:
+            return None
+        raw_message = fields.pop("message", None)
+        events = {event_id: json.loads(value) for event_id, value in fields.items()}
+        # dict.fromkeys dedupes ids pushed twice (a redelivered event) keeping the first.
+        ordered = [events.pop(eid) for eid in dict.fromkeys(event_ids) if eid in events]
+        ordered.extend(
+            event
+            for _, event in sorted(
+                events.items(), key=lambda item: (str(item[1].get("timestamp", "")), item[0])
+            )
+        )
+        message = None if raw_message is None else json.loads(raw_message)
+        return OutboundRecord(message=message, events=ordered)
+
+    # --- rates ------------------------------------------------------------------------
+
+    async def incr_rate(self, owner_id: str, label: str, bucket: int, ttl: float) -> None:
+        key = self._key(owner_id, label, str(bucket))
+        await self._execute(("INCR", key), ("PEXPIRE", key, _ms(ttl)))
+
+    async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:
+        if not labels:
+            return {}
+        keys = [self._key(owner_id, label, str(bucket)) for label in labels]
+        (values,) = await self._execute(("MGET", *keys), atomic=False)
+        return {label: int(value or 0) for label, value in zip(labels, values, strict=True)}
+
+    # --- lifecycle and maintenance ----------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call(lambda client: client.ping())
+
+    async def aclose(self) -> None:
+        # Closing the pooled sockets does not block, so no worker thread is needed.
+        self._pool.disconnect()
+        await trio.lowlevel.checkpoint()
+
+    def _namespace_pattern(self) -> str:
+        if not self._namespace.prefix:
+            raise ValueError("refusing to scan the whole keyspace: the namespace has no prefix")
+        return _glob_escape(self._prefix + self._namespace.key("")) + "*"
+
+    async def keys_in_namespace(self) -> list[str]:
+        """Every key under this store's (non-empty) namespace, sorted; for tests and tooling."""
+        pattern = self._namespace_pattern()
+        return await self._call(
+            lambda client: sorted(client.scan_iter(match=pattern, count=SCAN_BATCH))
+        )
+
+    async def purge_namespace(self) -> int:
+        """Delete every key under this store's (non-empty) namespace; returns how many."""
+        pattern = self._namespace_pattern()
+
+        def run(client: redis.Redis) -> int:
+            keys = list(client.scan_iter(match=pattern, count=SCAN_BATCH))
+            for start in range(0, len(keys), SCAN_BATCH):
+                client.unlink(*keys[start : start + SCAN_BATCH])
+            return len(keys)
+
+        return await self._call(run)

@@ -1,0 +1,391 @@
+"""The embedded StateStore: one SQLite file in WAL mode, shared by every local process.
+
+Each store holds one connection used by one worker thread at a time; every interface
+call is one short transaction. TTLs are `expires_at` columns (epoch seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sqlite3
+import time
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import trio
+
+from ipc.errors import StoreUnavailable
+from ipc.state import JsonObject, OutboundRecord, StateStore
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    from ipc.names import Namespace
+
+T = TypeVar("T")
+
+SCHEMA_VERSION: Final = 1
+#: Seconds a write waits for another process's write lock before StoreUnavailable.
+BUSY_TIMEOUT: Final = 5.0
+#: Expired rows are deleted at most this often (seconds) per store, after a write.
+PURGE_INTERVAL: Final = 30.0
+
+# Every table is keyed by `ns` first so namespaces never see each other's rows.
+# Events hang off their outbound row (ON DELETE CASCADE) and share its expiry;
+# their rowid gives insertion order.
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS channels (
+    ns TEXT NOT NULL, channel_id TEXT NOT NULL, properties TEXT NOT NULL,
+    PRIMARY KEY (ns, channel_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS statuses (
+    ns TEXT NOT NULL, channel_id TEXT NOT NULL, component TEXT NOT NULL, status TEXT NOT NULL,
+    PRIMARY KEY (ns, channel_id, component)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbound (
+    ns TEXT NOT NULL, channel_id TEXT NOT NULL, message_id TEXT NOT NULL,
+    message TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (ns, channel_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inbound_expiry ON inbound (expires_at);
+CREATE TABLE IF NOT EXISTS outbound (
+    ns TEXT NOT NULL, channel_id TEXT NOT NULL, message_id TEXT NOT NULL,
+    message TEXT, expires_at REAL NOT NULL,
+    PRIMARY KEY (ns, channel_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbound_expiry ON outbound (expires_at);
+CREATE TABLE IF NOT EXISTS outbound_events (
+    seq INTEGER PRIMARY KEY,
+    ns TEXT NOT NULL, channel_id TEXT NOT NULL, message_id TEXT NOT NULL,
+    event_id TEXT NOT NULL, event TEXT NOT NULL,
+    UNIQUE (ns, channel_id, message_id, event_id),
+    FOREIGN KEY (ns, channel_id, message_id)
+        REFERENCES outbound (ns, channel_id, message_id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS rates (
+    ns TEXT NOT NULL, owner_id TEXT NOT NULL, label TEXT NOT NULL, bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (ns, owner_id, label, bucket)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rates_expiry ON rates (expires_at);
+"""
+
+
+def _dump(obj: JsonObject) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _load(text: str) -> JsonObject:
+    result: JsonObject = json.loads(text)
+    return result
+
+
+def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: no implicit transactions; each call opens its own BEGIN.
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: in WAL mode a process crash (our failure model) loses nothing; only an OS
+        # crash can drop the last commits, and FULL would fsync every hot-path write.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version < SCHEMA_VERSION:
+            # Inside the script: executescript() commits any transaction opened before it.
+            conn.executescript(
+                f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+            )
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        raise
+    return conn
+
+
+class SqliteStateStore(StateStore):
+    """The same semantics as the Redis store; rows expire by `expires_at` and are purged lazily."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, namespace: Namespace) -> None:
+        self._conn = conn
+        self._path = path
+        self._ns = namespace.prefix
+        # One thread at a time touches the connection.
+        self._limiter = trio.CapacityLimiter(1)
+        self._closed = False
+        self._next_purge = time.time() + PURGE_INTERVAL
+
+    @classmethod
+    async def open(
+        cls, path: Path, namespace: Namespace, *, busy_timeout: float = BUSY_TIMEOUT
+    ) -> SqliteStateStore:
+        """Open (creating it and its parent directories if needed) the store file.
+
+        Raises StoreUnavailable when the file cannot be created, opened or is not a database.
+        """
+        try:
+            conn = await trio.to_thread.run_sync(_connect, path, busy_timeout)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
+        return cls(conn, path, namespace)
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """Run fn in a worker thread; the one place sqlite3 errors are translated."""
+        if self._closed:
+            raise StoreUnavailable(f"{self._path}: the store is closed")
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(f"{self._path}: {exc}") from exc
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
+        """Run fn(connection) in one transaction (taking the write lock when `write`)."""
+        return await self._run(functools.partial(self._transaction, fn, write))
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        conn = self._conn
+        # IMMEDIATE takes the write lock up front, so a busy database fails (or waits) at
+        # BEGIN rather than mid-transaction when a read would have to be upgraded.
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if write and time.time() >= self._next_purge:
+            self._next_purge = time.time() + PURGE_INTERVAL
+            # Busy or full: the write above is committed, so skip the housekeeping;
+            # the next interval (in this or another process) tries again.
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._purge(conn)
+        return result
+
+    def _purge(self, conn: sqlite3.Connection) -> int:
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            removed = sum(
+                conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,)).rowcount
+                for table in ("inbound", "outbound", "rates")
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return removed
+
+    async def purge_expired(self) -> int:
+        """Delete expired rows of every namespace now; returns how many records went."""
+        return await self._run(functools.partial(self._purge, self._conn))
+
+    def _drop_expired_outbound(
+        self, conn: sqlite3.Connection, cid: str, mid: str, now: float
+    ) -> None:
+        # An expired record is gone as far as readers know: a new write starts afresh
+        # instead of reviving its old message and events (as an expired Redis key would).
+        conn.execute(
+            "DELETE FROM outbound WHERE ns=? AND channel_id=? AND message_id=? AND expires_at<=?",
+            (self._ns, cid, mid, now),
+        )
+
+    # --- channels ---------------------------------------------------------------------
+
+    async def save_channel(self, channel_id: str, properties: JsonObject) -> None:
+        row = (self._ns, channel_id, _dump(properties))
+        await self._call(
+            lambda conn: conn.execute(
+                "INSERT INTO channels VALUES (?, ?, ?) ON CONFLICT DO UPDATE"
+                " SET properties=excluded.properties",
+                row,
+            ),
+            write=True,
+        )
+
+    async def get_channel(self, channel_id: str) -> JsonObject | None:
+        row = await self._call(
+            lambda conn: conn.execute(
+                "SELECT properties FROM channels WHERE ns=? AND channel_id=?",
+                (self._ns, channel_id),
+            ).fetchone()
+        )
+        return None if row is None else _load(row[0])
+
+    async def list_channels(self) -> list[str]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT channel_id FROM channels WHERE ns=? ORDER BY channel_id", (self._ns,)
+            ).fetchall()
+        )
+        return [channel_id for (channel_id,) in rows]
+
+    async def delete_channel(self, channel_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            key = (self._ns, channel_id)
+            existed = conn.execute("DELETE FROM channels WHERE ns=? AND channel_id=?", key).rowcount
+            for table in ("statuses", "inbound", "outbound"):
+                conn.execute(f"DELETE FROM {table} WHERE ns=? AND channel_id=?", key)
+            conn.execute("DELETE FROM rates WHERE ns=? AND owner_id=?", key)
+            return existed > 0
+
+        return await self._call(run, write=True)
+
+    # --- status -----------------------------------------------------------------------
+
+    async def set_status(self, channel_id: str, component: str, status: JsonObject) -> None:
+        row = (self._ns, channel_id, component, _dump(status))
+        await self._call(
+            lambda conn: conn.execute(
+                "INSERT INTO statuses VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                " SET status=excluded.status",
+                row,
+            ),
+            write=True,
+        )
+
+    async def get_statuses(self, channel_id: str) -> dict[str, JsonObject]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT component, status FROM statuses WHERE ns=? AND channel_id=?",
+                (self._ns, channel_id),
+            ).fetchall()
+        )
+        return {component: _load(status) for component, status in rows}
+
+    # --- message records --------------------------------------------------------------
+
+    async def put_inbound(
+        self, channel_id: str, message_id: str, message: JsonObject, ttl: float
+    ) -> None:
+        row = (self._ns, channel_id, message_id, _dump(message), time.time() + ttl)
+        await self._call(
+            lambda conn: conn.execute(
+                "INSERT INTO inbound VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                " SET message=excluded.message, expires_at=excluded.expires_at",
+                row,
+            ),
+            write=True,
+        )
+
+    async def get_inbound(self, channel_id: str, message_id: str, ttl: float) -> JsonObject | None:
+        now = time.time()
+        # The read refreshes the TTL, so it is an UPDATE ... RETURNING in a write transaction.
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "UPDATE inbound SET expires_at=? WHERE ns=? AND channel_id=? AND message_id=?"
+                " AND expires_at>? RETURNING message",
+                (now + ttl, self._ns, channel_id, message_id, now),
+            ).fetchall(),
+            write=True,
+        )
+        # fetchall: a RETURNING statement left unfinished would block the COMMIT.
+        return _load(rows[0][0]) if rows else None
+
+    async def put_outbound(
+        self, channel_id: str, message_id: str, record: JsonObject, ttl: float
+    ) -> None:
+        now = time.time()
+
+        def run(conn: sqlite3.Connection) -> None:
+            self._drop_expired_outbound(conn, channel_id, message_id, now)
+            conn.execute(
+                "INSERT INTO outbound VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                " SET message=excluded.message, expires_at=excluded.expires_at",
+                (self._ns, channel_id, message_id, _dump(record), now + ttl),
+            )
+
+        await self._call(run, write=True)
+
+    async def add_event(
+        self, channel_id: str, message_id: str, event_id: str, event: JsonObject, ttl: float
+    ) -> None:
+        now = time.time()
+
+        def run(conn: sqlite3.Connection) -> None:
+            self._drop_expired_outbound(conn, channel_id, message_id, now)
+            conn.execute(
+                "INSERT INTO outbound VALUES (?, ?, ?, NULL, ?) ON CONFLICT DO UPDATE"
+                " SET expires_at=excluded.expires_at",
+                (self._ns, channel_id, message_id, now + ttl),
+            )
+            # A redelivered event replaces its earlier copy and keeps its place.
+            conn.execute(
+                "INSERT INTO outbound_events (ns, channel_id, message_id, event_id, event)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET event=excluded.event",
+                (self._ns, channel_id, message_id, event_id, _dump(event)),
+            )
+
+        await self._call(run, write=True)
+
+    async def get_outbound(
+        self, channel_id: str, message_id: str, ttl: float
+    ) -> OutboundRecord | None:
+        now = time.time()
+        key = (self._ns, channel_id, message_id)
+
+        def run(conn: sqlite3.Connection) -> OutboundRecord | None:
+            rows = conn.execute(
+                "UPDATE outbound SET expires_at=? WHERE ns=? AND channel_id=? AND message_id=?"
+                " AND expires_at>? RETURNING message",
+                (now + ttl, *key, now),
+            ).fetchall()
+            if not rows:
+                return None
+            (raw_message,) = rows[0]
+            events = conn.execute(
+                "SELECT event FROM outbound_events WHERE ns=? AND channel_id=? AND message_id=?"
+                " ORDER BY seq",
+                key,
+            ).fetchall()
+            message = None if raw_message is None else _load(raw_message)
+            return OutboundRecord(message=message, events=[_load(e) for (e,) in events])
+
+        return await self._call(run, write=True)
+
+    # --- rates ------------------------------------------------------------------------
+
+    async def incr_rate(self, owner_id: str, label: str, bucket: int, ttl: float) -> None:
+        now = time.time()
+        await self._call(
+            lambda conn: conn.execute(
+                "INSERT INTO rates VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT DO UPDATE"
+                " SET count=CASE WHEN expires_at<=? THEN 1 ELSE count+1 END,"
+                " expires_at=excluded.expires_at",
+                (self._ns, owner_id, label, bucket, now + ttl, now),
+            ),
+            write=True,
+        )
+
+    async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:
+        now = time.time()
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT label, count FROM rates WHERE ns=? AND owner_id=? AND bucket=?"
+                " AND expires_at>?",
+                (self._ns, owner_id, bucket, now),
+            ).fetchall()
+        )
+        found = dict(rows)
+        return {label: int(found.get(label, 0)) for label in labels}
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Waits for a call still running in its thread, so the close never races it.
+        async with self._limiter:
+            self._conn.close()

@@ -1,0 +1,1 @@
+"""The root process: configuration, spawning and watching the API and channel children."""

@@ -1,0 +1,295 @@
+"""Routing, envelope and body validation: backend-independent HTTP behaviour (behaviour 1)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.api.conftest import Api
+
+JsonObject = dict[str, Any]
+
+NOT_FOUND = (
+    "The requested URL was not found on the server. If you entered the URL manually please "
+    "check your spelling and try again."
+)
+NOT_ALLOWED = "The method is not allowed for the requested URL."
+
+
+async def _call(api: Api, method: str, path: str, **kwargs: Any) -> tuple[int, JsonObject]:
+    response = await api.client.open(path, method=method, **kwargs)
+    assert response.headers["Content-Type"] == "application/json"
+    payload: JsonObject = await response.get_json()
+    assert list(payload) == ["status", "code", "description", "result"]
+    assert payload["status"] == response.status_code
+    return response.status_code, payload
+
+
+async def test_unknown_path_is_404_in_the_envelope(http_api: Api) -> None:
+    status, payload = await _call(http_api, "GET", "/nope")
+    assert status == 404
+    assert payload == {
+        "status": 404,
+        "code": "Not Found",
+        "description": NOT_FOUND,
+        "result": {
+            "errors": [{"code": 404, "type": "Not Found", "message": f"404 Not Found: {NOT_FOUND}"}]
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/channels/"),
+        ("PATCH", "/channels/abc"),
+        ("GET", "/channels/abc/messages/"),
+        ("OPTIONS", "/channels/"),
+        ("POST", "/health"),
+    ],
+)
+async def test_unrouted_method_is_405(http_api: Api, method: str, path: str) -> None:
+    status, payload = await _call(http_api, method, path)
+    assert status == 405
+    assert payload["code"] == "Method Not Allowed"
+    assert payload["description"] == NOT_ALLOWED
+    assert payload["result"]["errors"] == [
+        {"code": 405, "type": "Method Not Allowed", "message": f"405 Method Not Allowed: {NOT_ALLOWED}"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "location"),
+    [
+        ("GET", "/channels", "http://localhost/channels/"),
+        ("POST", "/channels?x=1", "http://localhost/channels/?x=1"),
+        ("POST", "/channels/abc/messages", "http://localhost/channels/abc/messages/"),
+    ],
+)
+async def test_collection_without_slash_redirects_308(
+    http_api: Api, method: str, path: str, location: str
+) -> None:
+    response = await http_api.client.open(path, method=method)
+    payload = await response.get_json()
+    assert response.status_code == 308
+    assert response.headers["Location"] == location
+    assert payload == {
+        "status": 308,
+        "code": "Permanent Redirect",
+        "description": None,
+        "result": {
+            "errors": [
+                {
+                    "code": 308,
+                    "type": "Permanent Redirect",
+                    "message": "308 Permanent Redirect: None",
+                    "new_url": location,
+                }
+            ]
+        },
+    }
+
+
+async def test_item_path_with_extra_slash_is_404(http_api: Api) -> None:
+    status, _ = await _call(http_api, "GET", "/channels/abc/")
+    assert status == 404
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/"])
+async def test_health_both_paths(http_api: Api, path: str) -> None:
+    status, payload = await _call(http_api, "GET", path)
+    assert status == 200
+    assert payload == {"status": 200, "code": "OK", "description": "health ok", "result": {}}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        (b"", "Expecting value: line 1 column 1 (char 0)"),
+        (b'{"a": NaN}', "NaN is not valid JSON"),
+    ],
+)
+async def test_invalid_json_is_400(http_api: Api, body: bytes, message: str) -> None:
+    status, payload = await _call(http_api, "POST", "/channels/", data=body)
+    assert status == 400
+    assert payload["code"] == "Bad Request"
+    assert payload["description"] == "json decode error"
+    assert payload["result"] == {"errors": [{"type": "JsonDecodeError", "message": message}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        ([], [("[] is not of type 'object'", ["type"])]),
+        (None, [("None is not of type 'object'", ["type"])]),
+        (
+            {},
+            [
+                ("'config' is a required property", ["required"]),
+                ("'type' is a required property", ["required"]),
+            ],
+        ),
+        (
+            {"type": 5, "config": {}, "character_limit": "a", "rate_limit_count": -3},
+            [
+                ("'a' is not of type 'integer'", ["properties", "character_limit", "type"]),
+                ("-3 is less than the minimum of 0", ["properties", "rate_limit_count", "minimum"]),
+                ("5 is not of type 'string'", ["properties", "type", "type"]),
+            ],
+        ),
+        (
+            {"type": "fake", "config": {}, "character_limit": 1.0, "mo_url": None},
+            [
+                ("1.0 is not of type 'integer'", ["properties", "character_limit", "type"]),
+                ("None is not of type 'string'", ["properties", "mo_url", "type"]),
+            ],
+        ),
+    ],
+)
+async def test_create_body_schema_errors(
+    http_api: Api, body: object, errors: list[tuple[str, list[str]]]
+) -> None:
+    status, payload = await _call(http_api, "POST", "/channels/", json=body)
+    assert status == 400
+    assert payload["description"] == "api usage error"
+    assert payload["result"]["errors"] == [
+        {"type": "invalid_body", "message": message, "schema_path": path} for message, path in errors
+    ]
+
+
+async def test_schema_is_checked_before_the_channel_lookup(http_api: Api) -> None:
+    status, payload = await _call(http_api, "POST", "/channels/unknown", json={"label": 3})
+    assert status == 400
+    assert payload["result"]["errors"][0]["schema_path"] == ["properties", "label", "type"]
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        (
+            {"to": "+27", "content": "hi", "priority": 6, "nope": 1},
+            [
+                ("6 is greater than the maximum of 5", ["properties", "priority", "maximum"]),
+                (
+                    "Additional properties are not allowed ('nope' was unexpected)",
+                    ["additionalProperties"],
+                ),
+            ],
+        ),
+        (
+            {"to": None, "reply_to": None},
+            [
+                ("'content' is a required property", ["required"]),
+                ("None is not of type 'string'", ["properties", "reply_to", "type"]),
+                ("None is not of type 'string'", ["properties", "to", "type"]),
+            ],
+        ),
+        (
+            {"to": "+27", "content": 5, "priority": "high"},
+            [
+                ("'high' does not match '^[1-5]$'", ["properties", "priority", "pattern"]),
+                ("5 is not of type 'string', 'null'", ["properties", "content", "type"]),
+            ],
+        ),
+        (
+            {"to": "+27", "content": "x", "priority": True},
+            [("True is not of type 'integer', 'string'", ["properties", "priority", "type"])],
+        ),
+    ],
+)
+async def test_send_body_schema_errors(
+    http_api: Api, body: JsonObject, errors: list[tuple[str, list[str]]]
+) -> None:
+    status, payload = await _call(http_api, "POST", "/channels/unknown/messages/", json=body)
+    assert status == 400
+    assert payload["result"]["errors"] == [
+        {"type": "invalid_body", "message": message, "schema_path": path} for message, path in errors
+    ]
+
+
+async def test_unknown_channel_is_404_with_empty_message(http_api: Api) -> None:
+    for method, path, body in [
+        ("GET", "/channels/nope", None),
+        ("POST", "/channels/nope", {}),
+        ("DELETE", "/channels/nope", None),
+        ("POST", "/channels/nope/restart", None),
+        ("GET", "/channels/nope/logs", None),
+        ("POST", "/channels/nope/messages/", {"to": "1", "content": "x"}),
+        ("GET", "/channels/nope/messages/abc", None),
+    ]:
+        status, payload = await _call(http_api, method, path, json=body)
+        assert status == 404, (method, path)
+        assert payload["description"] == "channel not found"
+        assert payload["result"] == {"errors": [{"type": "ChannelNotFound", "message": ""}]}
+    assert http_api.supervisor.lifecycle() == []
+
+
+async def test_invalid_channel_type_is_a_plain_string_type(http_api: Api) -> None:
+    status, payload = await _call(
+        http_api, "POST", "/channels/", json={"type": "foo", "config": {}}
+    )
+    assert status == 400
+    assert payload["description"] == "invalid channel type"
+    assert payload["result"]["errors"] == [
+        {
+            "type": "InvalidChannelType",
+            "message": "Invalid channel type 'foo', must be one of: fake, loose",
+        }
+    ]
+    assert await http_api.store.list_channels() == []
+
+
+async def test_config_checked_against_the_type_schema(http_api: Api) -> None:
+    body = {"type": "fake", "config": {"port": 0, "extra": True}}
+    status, payload = await _call(http_api, "POST", "/channels/", json=body)
+    assert status == 400
+    assert payload["description"] == "api usage error"
+    assert payload["result"]["errors"] == [
+        {
+            "type": "invalid_body",
+            "message": "'host' is a required property",
+            "schema_path": ["properties", "config", "required"],
+        },
+        {
+            "type": "invalid_body",
+            "message": "0 is less than the minimum of 1",
+            "schema_path": ["properties", "config", "properties", "port", "minimum"],
+        },
+        {
+            "type": "invalid_body",
+            "message": "Additional properties are not allowed ('extra' was unexpected)",
+            "schema_path": ["properties", "config", "additionalProperties"],
+        },
+    ]
+    assert await http_api.store.list_channels() == []
+
+
+async def test_amqp_queue_refused_on_the_embedded_broker(http_api: Api) -> None:
+    body = {"type": "fake", "config": {"host": "h"}, "amqp_queue": "myapp"}
+    status, payload = await _call(http_api, "POST", "/channels/", json=body)
+    assert status == 400
+    assert payload["description"] == "api usage error"
+    [error] = payload["result"]["errors"]
+    assert error["type"] == "ApiUsageError"
+    assert "amqp_queue needs a RabbitMQ broker" in error["message"]
+    assert await http_api.store.list_channels() == []
+
+
+async def test_unhandled_error_is_500_generic(http_api: Api) -> None:
+    """A stored inbound message that is not a vumi message makes the reply path fail."""
+    channel_id = await http_api.create_channel(mo_url="http://example.com/mo")
+    await http_api.store.put_inbound(channel_id, "in1", {"message_id": 5}, 60)
+    status, payload = await _call(
+        http_api,
+        "POST",
+        f"/channels/{channel_id}/messages/",
+        json={"reply_to": "in1", "content": "x"},
+    )
+    assert status == 500
+    assert payload["code"] == "Internal Server Error"
+    assert payload["description"] == "generic error"
+    [error] = payload["result"]["errors"]
+    assert error["type"] == "ValidationError"

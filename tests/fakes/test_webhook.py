@@ -1,0 +1,78 @@
+"""The fake webhook receiver answers, records and follows its script."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+
+from tests.fakes.webhook import DROP, open_fake_webhook
+
+
+async def test_webhook_records_path_headers_and_json_body() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        response = await http.post(
+            hook.url("/mo?x=1"), json={"a": 1}, headers={"Authorization": "Token t"}
+        )
+        assert response.status_code == 200
+        (request,) = await hook.wait_for_requests(1)
+    assert request.method == "POST"
+    assert request.path == "/mo?x=1"
+    assert request.headers["authorization"] == "Token t"
+    assert request.json() == {"a": 1}
+    assert request.ok
+
+
+async def test_webhook_fail_next_answers_scripted_statuses_then_200() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        hook.fail_next(2, status=502)
+        statuses = [(await http.post(hook.url(), json={})).status_code for _ in range(3)]
+    assert statuses == [502, 502, 200]
+    assert [r.status for r in hook.requests] == [502, 502, 200]
+    assert len(hook.delivered) == 1
+
+
+async def test_webhook_drop_closes_without_answer() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        hook.fail_next(1, status=DROP)
+        with pytest.raises(httpx.TransportError):
+            await http.post(hook.url(), json={})
+        assert (await http.post(hook.url(), json={})).status_code == 200
+
+
+async def test_webhook_go_down_and_come_up() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        hook.go_down()
+        assert (await http.post(hook.url(), json={})).status_code == 503
+        hook.come_up()
+        assert (await http.post(hook.url(), json={})).status_code == 200
+
+
+async def test_webhook_keeps_alive_across_requests() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        for n in range(3):
+            await http.post(hook.url(f"/{n}"), json={"n": n})
+    assert [r.path for r in hook.requests] == ["/0", "/1", "/2"]
+
+
+async def test_webhook_wait_for_requests_blocks_until_enough_arrive() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        got: list[int] = []
+
+        async def waiter() -> None:
+            got.append(len(await hook.wait_for_requests(2, delivered_only=True)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            await http.post(hook.url(), json={})
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            await http.post(hook.url(), json={})
+        assert got == [2]
+
+
+async def test_webhook_unused_script_fails_at_exit() -> None:
+    with pytest.raises(AssertionError, match="never used"):
+        async with open_fake_webhook() as hook:
+            hook.fail_next(1)
