@@ -11,7 +11,7 @@ from api.deps import EXTENSION_KEY, ApiContext
 from api.errors import http_error_response, register_error_handlers
 from api.routes import channels, health, logs, messages
 from ipc.broker import open_broker
-from ipc.errors import BrokerUnavailable, StoreUnavailable
+from ipc.errors import BrokerUnavailableError, StoreUnavailableError
 from ipc.names import Namespace
 from ipc.state import open_state
 
@@ -62,7 +62,7 @@ def create_app(settings: Settings, *, supervisor: SupervisorLink) -> JunebugApp:
                     yield
                 finally:
                     context.store = context.broker = None
-        except (StoreUnavailable, BrokerUnavailable) as exc:
+        except (StoreUnavailableError, BrokerUnavailableError) as exc:
             if not serving:
                 context.startup_failure = exc
             raise

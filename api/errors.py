@@ -12,7 +12,7 @@
     ├── ManagementApiError           503 the RabbitMQ management interface failed
     └── SupervisorUnavailableError   503 the supervisor did not answer
 
-ipc's StoreUnavailable / BrokerUnavailable become 503 and QueueFull 429 here, once.
+ipc's StoreUnavailableError / BrokerUnavailableError become 503 and QueueFullError 429 here, once.
 The `type` clients see is the original's class name (ChannelNotFound, not ...Error).
 """
 
@@ -23,10 +23,10 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from quart import Response
+from quart import Response, request
 from werkzeug.routing import RequestRedirect
 
-from ipc.errors import BrokerUnavailable, QueueFull, StoreUnavailable
+from ipc.errors import BrokerUnavailableError, QueueFullError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from quart import Quart
@@ -172,9 +172,9 @@ def http_error_response(error: HTTPException) -> Response:
 
 
 def _unavailable(error: Exception) -> Response:
-    if isinstance(error, QueueFull):
+    if isinstance(error, QueueFullError):
         status, description = 429, "queue full"
-    elif isinstance(error, StoreUnavailable):
+    elif isinstance(error, StoreUnavailableError):
         status, description = 503, "state store unavailable"
     else:
         status, description = 503, "queue broker unavailable"
@@ -189,7 +189,7 @@ def _api_error(error: ApiError) -> Response:
 
 
 def _generic_error(error: Exception) -> Response:
-    log.error("unhandled error in a request", exc_info=error)
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
     return error_envelope(
         500, "generic error", [{"type": type(error).__name__, "message": str(error)}]
     )
@@ -198,6 +198,6 @@ def _generic_error(error: Exception) -> Response:
 def register_error_handlers(app: Quart) -> None:
     """Every error kind gets the envelope; HTTPException is handled by the app class itself."""
     app.register_error_handler(ApiError, _api_error)
-    app.register_error_handler(StoreUnavailable, _unavailable)
-    app.register_error_handler(BrokerUnavailable, _unavailable)
+    app.register_error_handler(StoreUnavailableError, _unavailable)
+    app.register_error_handler(BrokerUnavailableError, _unavailable)
     app.register_error_handler(Exception, _generic_error)

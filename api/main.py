@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 def _hypercorn_config(bind: str, settings: Settings) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [bind]
-    config.graceful_timeout = settings.shutdown_grace
+    # Finish in-flight requests before the supervisor's own grace period ends in SIGKILL.
+    config.graceful_timeout = max(1.0, settings.shutdown_grace - 2.0)
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
 

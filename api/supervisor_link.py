@@ -52,12 +52,14 @@ class SupervisorLink:
         *,
         ping_interval: float = 2.0,
         ping_timeout: float = 5.0,
-        retry_delay: float = 0.5,
+        retry_delay: float = 0.2,
+        max_retry_delay: float = 5.0,
     ) -> None:
         self.path = path
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
         self._client: IpcClient | None = None
         self._connected = trio.Event()
         self._dropped = trio.Event()
@@ -78,20 +80,23 @@ class SupervisorLink:
             task_status.started()
             await trio.sleep_forever()
         started = False
+        delay = self._retry_delay
         while True:
             try:
                 async with open_ipc_client(self.path, role=Role.API) as client:
                     self._attach(client)
+                    delay = self._retry_delay
                     log.info("connected to the supervisor at %s", self.path)
                     if not started:
                         started = True
                         task_status.started()
                     await self._hold(client)
             except (ConnectionClosedError, ProtocolError) as exc:
-                log.warning("supervisor connection lost: %s", exc)
+                log.warning("no supervisor connection (retrying in %.1f s): %s", delay, exc)
             finally:
                 self._detach()
-            await trio.sleep(self._retry_delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, self._max_retry_delay)
 
     def _attach(self, client: IpcClient) -> None:
         self._client = client

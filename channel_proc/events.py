@@ -62,7 +62,7 @@ class StatusReporter:
             self._mail_send.send_nowait(report)
         except trio.WouldBlock:
             log.error("status mailbox full; dropped %s status %s", component, type)
-        except trio.ClosedResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The status actor is gone: the process is stopping.
             log.info("status %s/%s not recorded: stopping", component, type)
 

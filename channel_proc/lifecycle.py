@@ -88,8 +88,16 @@ class Shutdown:
         return not scope.cancelled_caught
 
     async def receive(self, consumer: Consumer) -> Delivery | None:
-        """The next delivery, or None once a stop is requested."""
+        """The next delivery, or None once a stop is requested.
+
+        A delivery received as the stop arrives is not returned: it stays unacked and
+        goes back to the queue when the consumer closes.
+        """
+        if self._event.is_set():
+            return None
         delivery = None
         with self.idle():
+            # receive() may return a prefetched delivery without a checkpoint, hence the
+            # checks around it rather than relying on the cancellation alone.
             delivery = await consumer.receive()
-        return delivery
+        return None if self._event.is_set() else delivery

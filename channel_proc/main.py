@@ -22,7 +22,7 @@ from channel_proc.process import (
 from channel_proc.transports import available_transports, config_schemas
 from channel_proc.transports.errors import ConfigError
 from ipc.broker import open_broker
-from ipc.errors import BrokerUnavailable, StoreUnavailable
+from ipc.errors import BrokerUnavailableError, StoreUnavailableError
 from ipc.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from ipc.names import Namespace
 from ipc.settings import Settings
@@ -64,14 +64,18 @@ def describe(settings: Settings) -> int:
 
 async def run_channel(settings: Settings, channel_id: str) -> int:
     """Run the channel until asked to stop; the exit code says why it ended."""
-    redact = configure_logging(settings, channel_id)
+    try:
+        redact = configure_logging(settings, channel_id)
+    except OSError as exc:
+        sys.stderr.write(f"channel_proc: cannot open the channel log: {exc}\n")
+        return EXIT_CONFIG
     codes: set[int] = set()
     try:
         await _run(settings, channel_id, redact.add_from)
     except* ConfigError as group:
         log.error("configuration error: %s", "; ".join(map(str, group.exceptions)))
         codes.add(EXIT_CONFIG)
-    except* (StoreUnavailable, BrokerUnavailable) as group:
+    except* (StoreUnavailableError, BrokerUnavailableError) as group:
         log.error("state store or broker unavailable: %s", "; ".join(map(str, group.exceptions)))
         codes.add(EXIT_UNAVAILABLE)
     except* Exception as group:

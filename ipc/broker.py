@@ -10,7 +10,7 @@ unacked when its consumer goes away (process killed included) is delivered
 again, to the next consumer. Order is FIFO within a priority; higher priority
 first when the queue was declared with max_priority.
 
-Errors: BrokerUnavailable when the backend cannot be reached, never a library
+Errors: BrokerUnavailableError when the backend cannot be reached, never a library
 exception.
 """
 
@@ -90,7 +90,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise BrokerUnavailable when the backend does not answer."""
+        """Raise BrokerUnavailableError when the backend does not answer."""
 
     @abc.abstractmethod
     async def aclose(self) -> None: ...

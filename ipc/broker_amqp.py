@@ -2,22 +2,21 @@
 
 aiormq runs on its own asyncio loop in a daemon thread (faster than trio-asyncio); trio tasks
 submit coroutines to it and wait without blocking trio. Every library error becomes
-BrokerUnavailable in `_unavailable`.
+BrokerUnavailableError in `_unavailable`.
 """
 
 from __future__ import annotations
 
-import asyncio  # noqa: TID251 - this module is the one asyncio bridge
-import concurrent.futures
+import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote
 
-import aiormq  # noqa: TID251 - this module is the one AMQP client importer
+import aiormq
 import trio
-from aiormq.exceptions import (  # noqa: TID251
+from aiormq.exceptions import (
     AMQPError,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
@@ -28,13 +27,13 @@ from pamqp.commands import Basic
 from pamqp.exceptions import PAMQPException
 
 from ipc.broker import Broker, Consumer, Delivery
-from ipc.errors import BrokerUnavailable
+from ipc.errors import BrokerUnavailableError
 from ipc.names import EXCHANGE
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 
-    from aiormq.abc import (  # noqa: TID251
+    from aiormq.abc import (
         AbstractChannel,
         AbstractConnection,
         ArgumentsType,
@@ -53,11 +52,11 @@ _PUBLISH: Final = "publish"
 _ADMIN: Final = "admin"
 
 
-def _unavailable(exc: BaseException) -> BrokerUnavailable:
+def _unavailable(exc: BaseException) -> BrokerUnavailableError:
     """The one translation of aiormq/pamqp/socket errors into ours."""
-    if isinstance(exc, concurrent.futures.CancelledError):
-        return BrokerUnavailable("AMQP operation aborted: its channel or connection closed")
-    return BrokerUnavailable(f"RabbitMQ unavailable: {exc!r}")
+    if isinstance(exc, asyncio.CancelledError):
+        return BrokerUnavailableError("AMQP operation aborted: its channel or connection closed")
+    return BrokerUnavailableError(f"RabbitMQ unavailable: {exc!r}")
 
 
 def _url(settings: AmqpSettings) -> str:
@@ -122,9 +121,9 @@ class _Core:
             if known is channel:
                 del self._channels[kind]
         if not channel.is_closed:
-            self._spawn(channel.close())
+            self.spawn(channel.close())
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
@@ -234,7 +233,7 @@ class _Core:
                 )
                 await channel.basic_consume(queue, callback, no_ack=False)
             except BaseException:
-                self._spawn(channel.close())
+                self.spawn(channel.close())
                 raise
             channel.closing.add_done_callback(
                 lambda closing: on_closed(f"AMQP channel closed: {_reason(closing)}")
@@ -288,7 +287,7 @@ class _Core:
 
 
 def _reason(closing: asyncio.Future[Any]) -> str:
-    if closing.cancelled():
+    if closing.cancelled() or closing.exception() is None:
         return "closed"
     return repr(closing.exception())
 
@@ -342,30 +341,62 @@ class AmqpBroker(Broker):
             raise
         return broker
 
-    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the loop thread and wait for it without blocking trio.
+    async def _call(
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        undo: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+    ) -> T:
+        """Run `coro` as a task on the loop thread and wait for it without blocking trio.
 
-        Cancellation: cancels the asyncio task; the operation may still have taken effect.
+        Cancellation: cancels the asyncio task; the operation may still have taken effect
+        (a cancelled publish may arrive). If it completed anyway, `undo(result)` runs on the
+        loop so that nothing is left without an owner. Both decisions are made on the loop
+        thread, so a task finishing just as trio gives up cannot slip between them.
         """
         if self._closed:
             coro.close()
-            raise BrokerUnavailable("the AMQP broker is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._runner.loop)
+            raise BrokerUnavailableError("the AMQP broker is closed")
+        loop = self._runner.loop
+        token = self._token
         done = trio.Event()
+        started: list[asyncio.Task[T]] = []
+        abandoned = False
 
-        def wake(_: concurrent.futures.Future[T]) -> None:
+        def undo_if_completed(task: asyncio.Task[T]) -> None:
+            if undo is not None and not task.cancelled() and task.exception() is None:
+                self._core.spawn(undo(task.result()))
+
+        def finished(task: asyncio.Task[T]) -> None:
+            if abandoned:
+                undo_if_completed(task)
             with suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(done.set)
+                token.run_sync_soon(done.set)
 
-        future.add_done_callback(wake)
+        def start() -> None:
+            task = loop.create_task(coro)
+            task.add_done_callback(finished)
+            started.append(task)
+
+        def abandon() -> None:
+            nonlocal abandoned
+            abandoned = True
+            task = started[0]
+            if task.done():
+                undo_if_completed(task)
+            else:
+                task.cancel()
+
+        loop.call_soon_threadsafe(start)
         try:
             await done.wait()
         except trio.Cancelled:
-            future.cancel()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(abandon)
             raise
         try:
-            return future.result()
-        except (*_FAILURES, concurrent.futures.CancelledError) as exc:
+            return started[0].result()
+        except (*_FAILURES, asyncio.CancelledError) as exc:
             raise _unavailable(exc) from exc
 
     async def declare_queue(self, queue: str, *, max_priority: int = 0) -> None:
@@ -376,6 +407,10 @@ class AmqpBroker(Broker):
 
     @asynccontextmanager
     async def consume(self, queue: str, *, prefetch: int) -> AsyncIterator[Consumer]:
+        """A consumer on its own channel (declaring the queue first if this broker has not).
+
+        On exit the channel is closed, which requeues the unacked deliveries.
+        """
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         consumer = _AmqpConsumer(self, prefetch)
@@ -394,14 +429,17 @@ class AmqpBroker(Broker):
             with suppress(trio.RunFinishedError):
                 token.run_sync_soon(consumer.fail, reason)
 
-        channel = await self._call(self._core.open_consumer(queue, prefetch, on_message, on_closed))
+        channel = await self._call(
+            self._core.open_consumer(queue, prefetch, on_message, on_closed),
+            undo=self._core.close_consumer,
+        )
         consumer.channel = channel
         try:
             yield consumer
         finally:
             consumer.fail("the consumer is closed")
             # Nothing to release when the connection is already gone.
-            with trio.move_on_after(2, shield=True), suppress(BrokerUnavailable):
+            with trio.move_on_after(2, shield=True), suppress(BrokerUnavailableError):
                 await self._call(self._core.close_consumer(channel))
 
     async def queue_length(self, queue: str) -> int:
@@ -416,7 +454,7 @@ class AmqpBroker(Broker):
     async def aclose(self) -> None:
         if self._closed:
             return
-        with trio.move_on_after(5, shield=True), suppress(BrokerUnavailable):
+        with trio.move_on_after(5, shield=True), suppress(BrokerUnavailableError):
             await self._call(self._core.close())
         self._closed = True
         with trio.CancelScope(shield=True):
@@ -450,7 +488,7 @@ class _AmqpConsumer(Consumer):
                 if self._failure is None:
                     self._unacked.add(delivery.tag)
                     return delivery
-        raise BrokerUnavailable(self._failure or "the consumer is closed")
+        raise BrokerUnavailableError(self._failure or "the consumer is closed")
 
     async def ack(self, delivery: Delivery) -> None:
         await self._settle(delivery, ack=True, requeue=False)
@@ -460,9 +498,10 @@ class _AmqpConsumer(Consumer):
 
     async def _settle(self, delivery: Delivery, *, ack: bool, requeue: bool) -> None:
         # An unknown or repeated tag would make RabbitMQ close the channel; ignore it.
+        # AMQP settles without a reply, so a failed or cancelled one is not retried either.
         if delivery.tag not in self._unacked or self.channel is None:
             return
+        self._unacked.discard(delivery.tag)
         await self._broker._call(
             self._broker._core.settle(self.channel, delivery.tag, ack=ack, requeue=requeue)
         )
-        self._unacked.discard(delivery.tag)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, TypeVar, cast
 import trio
 
 from ipc.broker import Broker, Consumer, Delivery
-from ipc.errors import BrokerUnavailable
+from ipc.errors import BrokerUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: Seconds a write waits for another process's write lock before BrokerUnavailable.
+#: Seconds a write waits for another process's write lock before BrokerUnavailableError.
 BUSY_TIMEOUT: Final = 5.0
 #: SQLite has no cross-process change notification, so a waiting consumer polls for other
 #: processes' publishes: quickly after traffic, backing off to POLL_MAX when idle.
@@ -37,7 +37,8 @@ POLL_MAX: Final = 0.1
 #: A waiting consumer refreshes its heartbeat (and reclaims dead consumers' rows) this often.
 HEARTBEAT_INTERVAL: Final = 5.0
 #: A consumer whose heartbeat is older than this is presumed dead even if its pid exists
-#: (pid reused, another host, or a process that stopped receiving and acking).
+#: (pid reused, another host, or a process that stopped receiving and acking). Heartbeats
+#: are written from receive() and ack()/nack(), so a consumer must call one of them this often.
 STALE_AFTER: Final = 60.0
 
 _HOST: Final = socket.gethostname()
@@ -167,6 +168,7 @@ def _beat(conn: sqlite3.Connection, consumer: int) -> tuple[bool, int]:
 @dataclass(eq=False, slots=True)
 class _Write:
     fn: Callable[[sqlite3.Connection], object]
+    durable: bool
     done: bool = False
     result: object = None
     error: sqlite3.Error | None = None
@@ -205,7 +207,9 @@ class SqliteBroker(Broker):
         try:
             conn = await trio.to_thread.run_sync(_connect, path)
         except (OSError, sqlite3.Error) as exc:
-            raise BrokerUnavailable(f"cannot open the embedded queue at {path}: {exc}") from exc
+            raise BrokerUnavailableError(
+                f"cannot open the embedded queue at {path}: {exc}"
+            ) from exc
         return cls(conn)
 
     # --- database access ----------------------------------------------------------------
@@ -216,35 +220,39 @@ class SqliteBroker(Broker):
             try:
                 return await trio.to_thread.run_sync(fn, conn)
             except sqlite3.Error as exc:
-                raise BrokerUnavailable(f"embedded queue read failed: {exc}") from exc
+                raise BrokerUnavailableError(f"embedded queue read failed: {exc}") from exc
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run `fn` in a write transaction, committed together with other tasks' pending writes.
 
         Group commit: whoever holds the lock commits every queued write in one transaction
-        (one fsync), so concurrent publishers do not each pay for a sync.
+        (one fsync), so concurrent publishers do not each pay for a sync. `durable=False`
+        skips the fsync when losing the write to a power cut only causes a redelivery
+        (claims, acks): it still survives a crash of the process.
 
         Cancellation: a write cancelled before its batch started is dropped; once started it
         commits (a cancelled publish may still arrive).
         """
-        op = _Write(fn)
+        op = _Write(fn, durable)
         self._pending.append(op)
         try:
             async with self._lock:
                 if not op.done:
+                    conn = self._open_conn()
                     batch, self._pending = self._pending, []
-                    await trio.to_thread.run_sync(_commit, self._open_conn(), batch)
-        except trio.Cancelled:
+                    await trio.to_thread.run_sync(_commit, conn, batch)
+        except BaseException:
+            # Cancelled (or closed) before any batch took it: it never runs.
             if op in self._pending:
                 self._pending.remove(op)
             raise
         if op.error is not None:
-            raise BrokerUnavailable(f"embedded queue write failed: {op.error}") from op.error
+            raise BrokerUnavailableError(f"embedded queue write failed: {op.error}") from op.error
         return cast("T", op.result)
 
     def _open_conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise BrokerUnavailable("the embedded queue is closed")
+            raise BrokerUnavailableError("the embedded queue is closed")
         return self._conn
 
     # --- Broker -------------------------------------------------------------------------
@@ -258,6 +266,10 @@ class SqliteBroker(Broker):
 
     @asynccontextmanager
     async def consume(self, queue: str, *, prefetch: int) -> AsyncIterator[Consumer]:
+        """Register a consumer (pid + heartbeat), after reclaiming dead consumers' rows.
+
+        On exit its claimed, unacked rows are released (delivered again, redelivered=True).
+        """
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         consumer_id, dead = await self._write(functools.partial(_open_consumer, queue=queue))
@@ -269,8 +281,8 @@ class SqliteBroker(Broker):
         finally:
             consumer.closed = True
             # A failed release is recovered by others once our heartbeat goes stale.
-            with trio.move_on_after(2, shield=True), contextlib.suppress(BrokerUnavailable):
-                await self._write(functools.partial(_release, consumer=consumer_id))
+            with trio.move_on_after(2, shield=True), contextlib.suppress(BrokerUnavailableError):
+                await self._write(functools.partial(_release, consumer=consumer_id), durable=False)
                 self._arrivals.notify(queue)
 
     async def queue_length(self, queue: str) -> int:
@@ -310,7 +322,6 @@ def _connect(path: Path) -> sqlite3.Connection:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode!r})")
-        # FULL: a committed publish survives power loss, as a RabbitMQ confirm does.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("BEGIN IMMEDIATE")
         for statement in _SCHEMA.split(";"):
@@ -328,6 +339,10 @@ def _commit(conn: sqlite3.Connection, batch: list[_Write]) -> None:
     # to the task that ran the batch.
     error: sqlite3.Error | None = sqlite3.OperationalError("the write batch was aborted")
     try:
+        # FULL: a committed publish survives power loss, as a RabbitMQ confirm does. In WAL
+        # mode a FULL commit also syncs every earlier NORMAL one.
+        durable = any(op.durable for op in batch)
+        conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in batch:
@@ -365,7 +380,7 @@ class _SqliteConsumer(Consumer):
         polled = False
         while True:
             if self.closed:
-                raise BrokerUnavailable("the consumer is closed")
+                raise BrokerUnavailableError("the consumer is closed")
             if self._buffer:
                 return self._buffer.popleft()
             await self._heartbeat_if_due()
@@ -393,9 +408,13 @@ class _SqliteConsumer(Consumer):
                 functools.partial(_has_ready, queue=self._queue)
             ):
                 return False
-            claimed = await self._broker._write(
-                functools.partial(_claim, consumer=self._id, queue=self._queue, limit=room)
-            )
+            # Shielded (bounded by BUSY_TIMEOUT) so that rows claimed in the database are
+            # never missing from our buffer because a cancellation lost the result.
+            with trio.CancelScope(shield=True):
+                claimed = await self._broker._write(
+                    functools.partial(_claim, consumer=self._id, queue=self._queue, limit=room),
+                    durable=False,
+                )
             self._unacked.update(d.tag for d in claimed)
             self._buffer.extend(claimed)
             return bool(claimed)
@@ -404,12 +423,16 @@ class _SqliteConsumer(Consumer):
         if trio.current_time() < self._next_heartbeat:
             return
         self._next_heartbeat = trio.current_time() + HEARTBEAT_INTERVAL
-        registered, dead = await self._broker._write(functools.partial(_beat, consumer=self._id))
+        registered, dead = await self._broker._write(
+            functools.partial(_beat, consumer=self._id), durable=False
+        )
         if dead:
             self._broker._arrivals.notify_all()
         if not registered:
             self.closed = True
-            raise BrokerUnavailable("this consumer was presumed dead and its messages released")
+            raise BrokerUnavailableError(
+                "this consumer was presumed dead and its messages released"
+            )
 
     async def ack(self, delivery: Delivery) -> None:
         await self._settle(delivery, requeue=False)
@@ -423,9 +446,13 @@ class _SqliteConsumer(Consumer):
         # Settling twice is a no-op here; in AMQP it would kill the channel.
         if delivery.tag not in self._unacked:
             return
-        await self._broker._write(
-            functools.partial(_settle, consumer=self._id, tag=delivery.tag, requeue=requeue)
-        )
+        await self._heartbeat_if_due()
+        # Shielded (bounded by BUSY_TIMEOUT) so `_unacked` always matches the database.
+        with trio.CancelScope(shield=True):
+            await self._broker._write(
+                functools.partial(_settle, consumer=self._id, tag=delivery.tag, requeue=requeue),
+                durable=False,
+            )
         self._unacked.discard(delivery.tag)
         self._settled.set()
         self._settled = trio.Event()

@@ -4,9 +4,9 @@ JunebugIpcError
 ├── ProtocolError          a frame or message could not be decoded; the connection is closed
 ├── ConnectionClosedError  the peer went away mid-request
 ├── RemoteError            the peer answered a request with ErrorReply (boxed type + message)
-├── StoreUnavailable       the state store (Redis / embedded) cannot be reached or written
-└── BrokerUnavailable      the queue broker (RabbitMQ / embedded) cannot be reached or written
-    └── QueueFull          the queue refused a message (backpressure)
+├── StoreUnavailableError       the state store (Redis / embedded) cannot be reached or written
+└── BrokerUnavailableError      the queue broker (RabbitMQ / embedded) cannot be reached or written
+    └── QueueFullError          the queue refused a message (backpressure)
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ class RemoteError(JunebugIpcError):
         self.code = code
 
 
-class StoreUnavailable(JunebugIpcError):
+class StoreUnavailableError(JunebugIpcError):
     pass
 
 
-class BrokerUnavailable(JunebugIpcError):
+class BrokerUnavailableError(JunebugIpcError):
     pass
 
 
-class QueueFull(BrokerUnavailable):
+class QueueFullError(BrokerUnavailableError):
     pass

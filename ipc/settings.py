@@ -89,10 +89,6 @@ class Settings(_Frozen):
             return "embedded-store+rabbitmq"
         return "embedded"
 
-    @property
-    def embedded_db_path(self) -> Path:
-        return self.data_dir / "junebug.sqlite3"
-
     def to_env(self) -> str:
         """Serialize for a child's environment, secrets included (the env is private to us)."""
         data = self.model_dump(mode="json")

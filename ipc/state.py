@@ -2,7 +2,7 @@
 
 Two implementations sit behind it: Redis (ipc/state_redis.py, the only Redis
 importer) and the embedded SQLite store (ipc/state_sqlite.py). Both must pass
-the same tests (tests/ipc/test_state.py). Every method raises StoreUnavailable
+the same tests (tests/ipc/test_state.py). Every method raises StoreUnavailableError
 when the backend cannot be reached, never a library exception.
 """
 
@@ -107,7 +107,7 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise StoreUnavailable when the backend does not answer."""
+        """Raise StoreUnavailableError when the backend does not answer."""
 
     @abc.abstractmethod
     async def aclose(self) -> None: ...

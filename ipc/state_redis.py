@@ -15,7 +15,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ipc.errors import StoreUnavailable
+from ipc.errors import StoreUnavailableError
 from ipc.state import JsonObject, OutboundRecord, StateStore
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class RedisStateStore(StateStore):
             socket_connect_timeout=SOCKET_TIMEOUT,
             decode_responses=True,
             # One immediate retry replaces a pooled connection the server dropped; more
-            # would only delay StoreUnavailable while Redis is really gone.
+            # would only delay StoreUnavailableError while Redis is really gone.
             retry=Retry(NoBackoff(), 1),
             max_connections=MAX_THREADS * 2,
         )
@@ -82,7 +82,7 @@ class RedisStateStore(StateStore):
 
     @classmethod
     async def connect(cls, settings: RedisSettings, namespace: Namespace) -> RedisStateStore:
-        """Open a pool and check it with PING; StoreUnavailable when Redis does not answer."""
+        """Open a pool and check it with PING; StoreUnavailableError when Redis does not answer."""
         store = cls(settings, namespace)
         try:
             await store.ping()
@@ -105,7 +105,7 @@ class RedisStateStore(StateStore):
         try:
             return await trio.to_thread.run_sync(fn, self._client, limiter=self._limiter)
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"{self._where}: {exc}") from exc
+            raise StoreUnavailableError(f"{self._where}: {exc}") from exc
 
     async def _execute(self, *commands: Command, atomic: bool = True) -> list[Any]:
         """Send the commands in one round trip and return their replies.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
 
-from ipc.errors import StoreUnavailable
+from ipc.errors import StoreUnavailableError
 from ipc.state import JsonObject, OutboundRecord, StateStore
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 SCHEMA_VERSION: Final = 1
-#: Seconds a write waits for another process's write lock before StoreUnavailable.
+#: Seconds a write waits for another process's write lock before StoreUnavailableError.
 BUSY_TIMEOUT: Final = 5.0
 #: Expired rows are deleted at most this often (seconds) per store, after a write.
 PURGE_INTERVAL: Final = 30.0
@@ -126,12 +126,12 @@ class SqliteStateStore(StateStore):
     ) -> SqliteStateStore:
         """Open (creating it and its parent directories if needed) the store file.
 
-        Raises StoreUnavailable when the file cannot be created, opened or is not a database.
+        Raises StoreUnavailableError when the file cannot be created, opened or is not a database.
         """
         try:
             conn = await trio.to_thread.run_sync(_connect, path, busy_timeout)
         except (OSError, sqlite3.DatabaseError) as exc:
-            raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
+            raise StoreUnavailableError(f"cannot open {path}: {exc}") from exc
         return cls(conn, path, namespace)
 
     # --- plumbing ---------------------------------------------------------------------
@@ -139,11 +139,11 @@ class SqliteStateStore(StateStore):
     async def _run(self, fn: Callable[[], T]) -> T:
         """Run fn in a worker thread; the one place sqlite3 errors are translated."""
         if self._closed:
-            raise StoreUnavailable(f"{self._path}: the store is closed")
+            raise StoreUnavailableError(f"{self._path}: the store is closed")
         try:
             return await trio.to_thread.run_sync(fn, limiter=self._limiter)
         except sqlite3.DatabaseError as exc:
-            raise StoreUnavailable(f"{self._path}: {exc}") from exc
+            raise StoreUnavailableError(f"{self._path}: {exc}") from exc
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
         """Run fn(connection) in one transaction (taking the write lock when `write`)."""

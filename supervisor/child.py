@@ -154,19 +154,19 @@ async def run_child(
     extra = {"channel_id": spec.channel_id, "child": spec.id, "pid": proc.pid}
     log.info("started %s (pid %d)", spec.id, proc.pid, extra=extra)
     slot = board.expect(proc.pid)
+    handle: ChildHandle | None = None
     try:
         with trio.move_on_after(spec.start_timeout):
             await _wait_ready(proc, slot)
         # A child may say Hello and exit at once; the Hello still counts.
-        hello = slot.hello
-        if hello is None:
+        if slot.hello is None:
             timed_out = proc.returncode is None
             if timed_out:
                 log.warning("%s sent no Hello within %s s", spec.id, spec.start_timeout)
                 await stop_process(proc, spec.shutdown, kill_now)
             assert proc.returncode is not None
             raise ChildStartError(ChildExit(proc.returncode, ready=False, timed_out=timed_out))
-        handle = ChildHandle(spec=spec, pid=proc.pid, hello=hello)
+        handle = ChildHandle(spec=spec, pid=proc.pid, hello=slot.hello)
         task_status.started(handle)
         await proc.wait()
     finally:
@@ -176,10 +176,11 @@ async def run_child(
                 await stop_process(proc, spec.shutdown, kill_now)
             assert proc.stdin is not None
             await proc.stdin.aclose()
-    assert proc.returncode is not None
-    exit = ChildExit(proc.returncode, ready=True)
-    log.info("%s (pid %d) %s", spec.id, proc.pid, exit.reason, extra=extra)
-    handle._finish(exit)
+        if handle is not None:
+            assert proc.returncode is not None
+            exit = ChildExit(proc.returncode, ready=True)
+            handle._finish(exit)
+            log.info("%s (pid %d) %s", spec.id, proc.pid, exit.reason, extra=extra)
     return exit
 
 

@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 #: Accepted for compatibility, but the feature is planned for a later issue.
 NOT_IMPLEMENTED = {
-    "sentry_dsn": "issue: Sentry error reporting",
-    "plugins": "issue: plugins (nginx)",
-    "routers": "issue: routers and destinations",
-    "replace_routers": "issue: routers and destinations",
+    "sentry_dsn": "issue #3: Sentry error reporting",
+    "plugins": "issue #3: plugins (nginx)",
+    "routers": "issue #5: routers and destinations",
+    "replace_routers": "issue #5: routers and destinations",
 }
 
 _TRUE = frozenset({"true", "yes", "y", "on", "1", "t"})

@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any, assert_never
 
 from ipc import exit_codes
-from ipc.errors import StoreUnavailable
+from ipc.errors import StoreUnavailableError
 from ipc.messages import (
     CatalogReply,
     ChildrenReply,
@@ -97,9 +97,9 @@ class ControlHandler:
     async def start_channel(self, request_id: int, cid: str) -> Reply:
         try:
             stored = await self._store.get_channel(cid)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             return ErrorReply(
-                id=request_id, code=503, error_type="StoreUnavailable", message=str(exc)
+                id=request_id, code=503, error_type="StoreUnavailableError", message=str(exc)
             )
         if stored is None:
             return ErrorReply(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ipc import exit_codes
-from ipc.errors import StoreUnavailable
+from ipc.errors import StoreUnavailableError
 from ipc.messages import Role
 from ipc.names import Namespace, channel_socket, new_channel_id, supervisor_socket
 from ipc.server import serve_ipc
@@ -76,8 +76,9 @@ async def run_supervisor(
     """Run the gateway until SIGTERM/SIGINT (or `stop` is set); return the exit status.
 
     Calls task_status.started(Running) once every stored channel has been started (or
-    has failed to). Boot failures are logged and returned as exit statuses (78 bad
-    configuration, 69 store or port unavailable, 70 otherwise) without calling started.
+    has failed to); not at all when it stops before that. Boot failures are logged and
+    returned as exit statuses (78 bad configuration, 69 store, port or run dir
+    unavailable, 70 otherwise).
     """
     commands = commands or Commands()
     policy = policy or RestartPolicy.from_settings(settings)
@@ -87,16 +88,23 @@ async def run_supervisor(
     except BootError as exc:
         log.error("%s", exc)
         return exc.code
+    code: int
     try:
         settings = settings.model_copy(update={"run_dir": run_dir})
-        boot = _Boot(settings, run_dir, commands, policy, stop or trio.Event(), handle_signals)
-        return await boot.run(task_status)
-    except BootError as exc:
-        log.error("%s", exc)
-        return exc.code
+        shutdown = trio.Event() if stop is None else stop
+        boot = _Boot(settings, run_dir, commands, policy, shutdown, handle_signals)
+        code = await boot.run(task_status)
+    except* BootError as group:
+        # Some boot steps run inside nurseries, so the error may come wrapped in a group.
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        log.error("%s", first)
+        code = first.code if isinstance(first, BootError) else exit_codes.EXIT_SOFTWARE
     finally:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
+    return code
 
 
 def _make_run_dir(given: Path | None) -> Path:
@@ -215,7 +223,7 @@ class _Boot:
                 store = await stack.enter_async_context(
                     open_state(self.settings, Namespace(self.settings.namespace))
                 )
-            except StoreUnavailable as exc:
+            except StoreUnavailableError as exc:
                 raise BootError(exit_codes.EXIT_UNAVAILABLE, f"state store: {exc}") from exc
             sock = stack.enter_context(
                 await bind_api_socket(self.settings.interface, self.settings.port)
@@ -253,11 +261,17 @@ class _Boot:
                     catalog=catalog,
                 )
                 path = supervisor_socket(self.run_dir)
-                await services.start(partial(serve_ipc, path, handler, role=Role.SUPERVISOR))
-                booted = partial(self._boot_children, tree, store, sock, task_status)
+                try:
+                    await services.start(partial(serve_ipc, path, handler, role=Role.SUPERVISOR))
+                except OSError as exc:
+                    raise BootError(
+                        exit_codes.EXIT_UNAVAILABLE,
+                        f"cannot serve the control socket {path}: {exc.strerror or exc}",
+                    ) from exc
                 with trio.CancelScope() as boot_scope:
+                    # A SIGTERM during boot must not wait for every channel to be started.
                     children.start_soon(self._cancel_on_shutdown, boot_scope)
-                    await booted()
+                    await self._boot_children(tree, store, sock, task_status)
                     await self.shutdown.wait()
                 log.info("stopping API workers, then channels")
                 await tree.stop_all(Role.API)
@@ -291,7 +305,7 @@ class _Boot:
                     log.error("channel %s did not start: %s", cid, exit.reason)
         except ShuttingDownError:
             return
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             log.error("state store: %s", exc)
             self._fail(exit_codes.EXIT_UNAVAILABLE)
             return

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ipc import exit_codes
-from ipc.errors import StoreUnavailable
+from ipc.errors import StoreUnavailableError
 from ipc.messages import ChildInfo, ChildState, Role
 from supervisor.budget import RestartBudget, restart_delay
 from supervisor.child import ChildExit, ChildStartError, run_child
@@ -48,7 +48,8 @@ class _Child:
     reason: str | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     finished: trio.Event = field(default_factory=trio.Event)
-    #: Set once the first attempt is ready or has ended; `first_exit` None means ready.
+    #: Set once the first attempt is ready, or has ended and its state and status are
+    #: updated; `first_exit` None means ready.
     first_done: trio.Event = field(default_factory=trio.Event)
     first_exit: ChildExit | None = None
 
@@ -153,45 +154,56 @@ class ChildTree:
             exit = await self._attempt(child)
             child.pid = None
             child.reason = exit.reason
-            if exit.code == exit_codes.EXIT_CONFIG:
-                # A restart cannot fix the configuration; wait for a StartChannel.
-                log.error("%s failed: %s", spec.id, exit.reason, extra=_extra(spec))
-                child.state = ChildState.FAILED
-                await self._report(child, "config_error", exit)
-                await trio.sleep_forever()
             clean = exit.code == exit_codes.EXIT_OK and not exit.timed_out
-            if spec.restart is Restart.TEMPORARY or (clean and spec.restart is Restart.TRANSIENT):
-                child.state = ChildState.STOPPED
+            # Each branch writes the status before changing the state, so whoever sees the
+            # new state (or the first-start result) can read the matching status.
+            if exit.code == exit_codes.EXIT_CONFIG:
+                # A restart cannot fix the configuration: wait for a StartChannel.
+                log.error("%s failed: %s", spec.id, exit.reason, extra=_extra(spec))
+                await self._report(child, "config_error", exit)
+                self._settle(child, ChildState.FAILED, exit)
+                await trio.sleep_forever()
+            elif spec.restart is Restart.TEMPORARY or (clean and spec.restart is Restart.TRANSIENT):
+                self._settle(child, ChildState.STOPPED, exit)
                 return
-            if child.budget.allow():
-                child.restarts += 1
-                delay = restart_delay(
-                    child.budget.count(),
-                    base=self._policy.delay_base,
-                    cap=self._policy.delay_cap,
-                )
-                log.warning(
-                    "%s %s; restarting in %.1f s", spec.id, exit.reason, delay, extra=_extra(spec)
-                )
-                child.state = ChildState.BACKOFF
-                await self._report(child, "crashed", exit, f"; restarting in {delay:.1f} s")
-                await trio.sleep(delay)
+            elif child.budget.allow():
+                await trio.sleep(await self._back_off(child, exit))
             else:
-                budget = child.budget
-                child.reason = (
-                    f"{exit.reason}; restart budget exhausted "
-                    f"({budget.intensity} restarts in {budget.period:g} s)"
-                )
-                log.error(
-                    "%s failed: %s; retrying in %g s",
-                    spec.id,
-                    child.reason,
-                    self._policy.failed_retry,
-                    extra=_extra(spec),
-                )
-                child.state = ChildState.FAILED
-                await self._report(child, "failed", exit)
-                await trio.sleep(self._policy.failed_retry)
+                await trio.sleep(await self._give_up(child, exit))
+
+    def _settle(self, child: _Child, state: ChildState, exit: ChildExit) -> None:
+        child.state = state
+        child.first_result(exit)
+
+    async def _back_off(self, child: _Child, exit: ChildExit) -> float:
+        """Record a restart; returns the delay before it."""
+        child.restarts += 1
+        policy = self._policy
+        delay = restart_delay(child.budget.count(), base=policy.delay_base, cap=policy.delay_cap)
+        spec = child.spec
+        log.warning("%s %s; restarting in %.1f s", spec.id, exit.reason, delay, extra=_extra(spec))
+        await self._report(child, "crashed", exit, f"; restarting in {delay:.1f} s")
+        self._settle(child, ChildState.BACKOFF, exit)
+        return delay
+
+    async def _give_up(self, child: _Child, exit: ChildExit) -> float:
+        """Mark the child failed (budget exhausted); returns the delay before a slow retry."""
+        budget = child.budget
+        child.reason = (
+            f"{exit.reason}; restart budget exhausted "
+            f"({budget.intensity} restarts in {budget.period:g} s)"
+        )
+        retry = self._policy.failed_retry
+        log.error(
+            "%s failed: %s; retrying in %g s",
+            child.spec.id,
+            child.reason,
+            retry,
+            extra=_extra(child.spec),
+        )
+        await self._report(child, "failed", exit)
+        self._settle(child, ChildState.FAILED, exit)
+        return retry
 
     async def _attempt(self, child: _Child) -> ChildExit:
         """Run the child once; returns when its process has exited."""
@@ -207,13 +219,12 @@ class ChildTree:
                     )
                 )
             except ChildStartError as exc:
-                child.first_result(exc.exit)
                 return exc.exit
             child.pid = handle.pid
-            child.state = ChildState.RUNNING
             child.reason = None
-            child.first_result(None)
             await self._report_running(child)
+            child.state = ChildState.RUNNING
+            child.first_result(None)
             return await handle.wait()
 
     async def _report_running(self, child: _Child) -> None:
@@ -247,7 +258,7 @@ class ChildTree:
             # A deleted channel must not get a status key back.
             if await self._store.get_channel(cid) is not None:
                 await self._store.set_status(cid, COMPONENT, event)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             log.warning("could not write %s status: %s", cid, exc, extra=_extra(child.spec))
 
 

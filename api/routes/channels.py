@@ -102,9 +102,14 @@ async def modify_channel(channel_id: str) -> Response:
         await _check(context, merged)
     store = state_store()
     await store.save_channel(channel_id, merged)
-    if any(key not in _API_ONLY_KEYS and previous.get(key) != merged[key] for key in changes):
+    if any(key not in _API_ONLY_KEYS and _changed(previous, merged, key) for key in changes):
         await _apply(context, channel_id, previous)
     return envelope(200, "channel updated", await _render(context, channel_id, merged))
+
+
+def _changed(previous: JsonObject, merged: JsonObject, key: str) -> bool:
+    # Key presence matters too: `"mo_url": null` still gives the channel a destination.
+    return key not in previous or previous[key] != merged[key]
 
 
 async def _apply(context: ApiContext, channel_id: str, previous: JsonObject) -> None:

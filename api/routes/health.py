@@ -21,7 +21,7 @@ blueprint = Blueprint("health", __name__)
 async def health() -> Response:
     context = api_context()
     store = state_store()
-    # StoreUnavailable / BrokerUnavailable become a 503 naming the failed dependency.
+    # StoreUnavailableError / BrokerUnavailableError become a 503 naming the failed dependency.
     await store.ping()
     await queue_broker().ping()
     if context.settings.rabbitmq_management_interface is None:

@@ -23,7 +23,7 @@ from api.routes.channels import load_channel
 from api.schemas import MESSAGE_SEND_VALIDATOR
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import encode_payload
-from ipc.errors import StoreUnavailable
+from ipc.errors import StoreUnavailableError
 from ipc.payloads import VumiEvent, VumiMessage, api_event, api_message
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ async def _count_outbound(context: ApiContext, channel_id: str) -> None:
         await state_store().incr_rate(
             channel_id, "outbound", current_bucket(window), math.ceil(2 * window)
         )
-    except StoreUnavailable as exc:
+    except StoreUnavailableError as exc:
         # The message is already queued; failing the request now would invite a duplicate.
         log.warning("outbound rate of channel %s not counted: %s", channel_id, exc)
 

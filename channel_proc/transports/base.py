@@ -48,7 +48,7 @@ class TransportLink(Protocol):
         """Queue one inbound message durably.
 
         Returns only once the message is durably queued, so the transport may then
-        acknowledge it to the provider. Raises BrokerUnavailable when it cannot be queued
+        acknowledge it to the provider. Raises BrokerUnavailableError when it cannot be queued
         (the transport must not acknowledge the provider then).
         """
         ...

@@ -21,10 +21,14 @@ class SendError(TransportError):
 
     retryable: bool = False
 
-    def __init__(self, reason: str, *, code: str = "send_failed") -> None:
+    def __init__(
+        self, reason: str, *, code: str = "send_failed", retryable: bool | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class ProviderRejected(SendError):  # noqa: N818 — names fixed by the transport contract

@@ -194,6 +194,18 @@ class _Client:
     closed_by_us: bool = False
 
 
+class _Once:
+    """Calls task_status.started() the first time it is called."""
+
+    def __init__(self, task_status: trio.TaskStatus[None]) -> None:
+        self._task_status: trio.TaskStatus[None] | None = task_status
+
+    def __call__(self) -> None:
+        if self._task_status is not None:
+            self._task_status.started()
+            self._task_status = None
+
+
 @contextmanager
 def _map_errors(address: str) -> Iterator[None]:
     """The one place socket errors become SendErrors."""
@@ -219,12 +231,13 @@ class TelnetTransport(Transport[TelnetConfig]):
 
     @property
     def server_address(self) -> str:
-        """ "host:port" we listen on (the actual port when configured with port 0)."""
+        """The "host:port" we listen on (the actual port when configured with port 0)."""
         return self._server_address
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         endpoint = self.config.endpoint
-        listeners = await self._bind(endpoint, task_status)
+        ready = _Once(task_status)
+        listeners = await self._bind(endpoint, ready)
         port = listeners[0].socket.getsockname()[1]
         self._server_address = f"{endpoint.interface}:{port}"
         log.info("listening on %s", self._server_address)
@@ -235,12 +248,10 @@ class TelnetTransport(Transport[TelnetConfig]):
             f"Listening on {self._server_address}",
             {"interface": endpoint.interface, "port": port},
         )
-        task_status.started()
+        ready()
         await trio.serve_listeners(self._serve_client, listeners)
 
-    async def _bind(
-        self, endpoint: TcpEndpoint, task_status: trio.TaskStatus[None]
-    ) -> list[trio.SocketListener]:
+    async def _bind(self, endpoint: TcpEndpoint, ready: _Once) -> list[trio.SocketListener]:
         """Bind, retrying with backoff; report ready after the first failure so that the
         channel runs and shows `bind_failed` instead of timing out at start."""
         backoff = Backoff(initial=1.0, cap=30.0)
@@ -266,15 +277,16 @@ class TelnetTransport(Transport[TelnetConfig]):
                     f"Cannot listen on {endpoint.interface}:{endpoint.port}: {reason}",
                     {"interface": endpoint.interface, "port": endpoint.port},
                 )
-                if backoff.attempts == 1:
-                    task_status.started()
+                ready()
                 await trio.sleep(delay)
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         address = msg.to_addr or ""
         client = self._clients.get(address)
         if client is None:
-            raise ProviderRejected(f"no telnet client at {address}", code="unknown_address")
+            raise ProviderRejected(
+                f"no telnet client at {address or '(no to_addr)'}", code="unknown_address"
+            )
         with _map_errors(address):
             async with client.send_lock:
                 if msg.content is not None:

@@ -8,9 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from api.channel_object import current_bucket
 from ipc.errors import RemoteError
+from tests.api.harness import open_api
 
 if TYPE_CHECKING:
-    from tests.api.conftest import Api
+    from pathlib import Path
+
+    from ipc.settings import Settings
+    from tests.api.harness import Api
 
 JsonObject = dict[str, Any]
 
@@ -28,7 +32,8 @@ EMPTY_STATUS: JsonObject = {
 
 
 async def _json(api: Api, method: str, path: str, body: object = None) -> tuple[int, JsonObject]:
-    response = await api.client.open(path, method=method, json=body)
+    kwargs: dict[str, Any] = {} if body is None else {"json": body}
+    response = await api.client.open(path, method=method, **kwargs)
     payload: JsonObject = await response.get_json()
     return response.status_code, payload
 
@@ -200,9 +205,7 @@ async def test_modify_with_invalid_type_changes_nothing(api: Api) -> None:
 async def test_modify_with_invalid_config_changes_nothing(api: Api) -> None:
     channel_id = await api.create_channel()
     before = await api.store.get_channel(channel_id)
-    status, payload = await _json(
-        api, "POST", f"/channels/{channel_id}", {"config": {"host": 5}}
-    )
+    status, payload = await _json(api, "POST", f"/channels/{channel_id}", {"config": {"host": 5}})
     assert status == 400
     assert payload["result"]["errors"] == [
         {
@@ -274,3 +277,13 @@ async def test_restart(api: Api) -> None:
 
 async def test_supervisor_connection_is_held_as_the_api_role(api: Api) -> None:
     assert [peer.role.value for peer in api.supervisor.peers] == ["api"]
+
+
+async def test_amqp_queue_accepted_with_rabbitmq(
+    redis_settings: Settings, socket_dir: Path
+) -> None:
+    async with open_api(redis_settings, socket_dir) as api:
+        channel_id = await api.create_channel(amqp_queue="myapp")
+        stored = await api.store.get_channel(channel_id)
+    assert stored is not None
+    assert stored["amqp_queue"] == "myapp"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from tests.api.conftest import Api
+    from tests.api.harness import Api
 
 JsonObject = dict[str, Any]
 
@@ -56,7 +56,11 @@ async def test_unrouted_method_is_405(http_api: Api, method: str, path: str) -> 
     assert payload["code"] == "Method Not Allowed"
     assert payload["description"] == NOT_ALLOWED
     assert payload["result"]["errors"] == [
-        {"code": 405, "type": "Method Not Allowed", "message": f"405 Method Not Allowed: {NOT_ALLOWED}"}
+        {
+            "code": 405,
+            "type": "Method Not Allowed",
+            "message": f"405 Method Not Allowed: {NOT_ALLOWED}",
+        }
     ]
 
 
@@ -71,7 +75,8 @@ async def test_unrouted_method_is_405(http_api: Api, method: str, path: str) -> 
 async def test_collection_without_slash_redirects_308(
     http_api: Api, method: str, path: str, location: str
 ) -> None:
-    response = await http_api.client.open(path, method=method)
+    no_body: dict[str, Any] = {}
+    response = await http_api.client.open(path, method=method, **no_body)
     payload = await response.get_json()
     assert response.status_code == 308
     assert response.headers["Location"] == location
@@ -156,7 +161,8 @@ async def test_create_body_schema_errors(
     assert status == 400
     assert payload["description"] == "api usage error"
     assert payload["result"]["errors"] == [
-        {"type": "invalid_body", "message": message, "schema_path": path} for message, path in errors
+        {"type": "invalid_body", "message": message, "schema_path": path}
+        for message, path in errors
     ]
 
 
@@ -206,7 +212,8 @@ async def test_send_body_schema_errors(
     status, payload = await _call(http_api, "POST", "/channels/unknown/messages/", json=body)
     assert status == 400
     assert payload["result"]["errors"] == [
-        {"type": "invalid_body", "message": message, "schema_path": path} for message, path in errors
+        {"type": "invalid_body", "message": message, "schema_path": path}
+        for message, path in errors
     ]
 
 
@@ -293,3 +300,14 @@ async def test_unhandled_error_is_500_generic(http_api: Api) -> None:
     assert payload["description"] == "generic error"
     [error] = payload["result"]["errors"]
     assert error["type"] == "ValidationError"
+
+
+async def test_modify_to_amqp_queue_refused_on_the_embedded_broker(http_api: Api) -> None:
+    channel_id = await http_api.create_channel()
+    before = await http_api.store.get_channel(channel_id)
+    status, payload = await _call(
+        http_api, "POST", f"/channels/{channel_id}", json={"amqp_queue": "myapp"}
+    )
+    assert status == 400
+    assert payload["result"]["errors"][0]["type"] == "ApiUsageError"
+    assert await http_api.store.get_channel(channel_id) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from tests.fakes.webhook import DROP, open_fake_webhook
 
@@ -76,3 +77,12 @@ async def test_webhook_unused_script_fails_at_exit() -> None:
     with pytest.raises(AssertionError, match="never used"):
         async with open_fake_webhook() as hook:
             hook.fail_next(1)
+
+
+async def test_webhook_fail_path_fails_only_that_path() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        hook.fail_path("/mo", status=504)
+        assert (await http.post(hook.url("/mo"), json={})).status_code == 504
+        assert (await http.post(hook.url("/ev"), json={})).status_code == 200
+        hook.come_up()
+        assert (await http.post(hook.url("/mo"), json={})).status_code == 200

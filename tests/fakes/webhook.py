@@ -48,6 +48,7 @@ class FakeWebhook:
         self.requests: list[RecordedRequest] = []
         self.default_status = 200
         self._script: deque[int] = deque()
+        self._failing_paths: dict[str, int] = {}
         self._changed = trio.Event()
         self._port: int | None = None
 
@@ -63,12 +64,17 @@ class FakeWebhook:
         """Answer the next `count` requests with `status` (DROP closes the connection)."""
         self._script.extend([status] * count)
 
+    def fail_path(self, path: str, status: int = 503) -> None:
+        """Answer every request on `path` with `status` (before the script) until `come_up`."""
+        self._failing_paths[path] = status
+
     def go_down(self, status: int = 503) -> None:
         """Answer every request with `status` until `come_up`."""
         self.default_status = status
 
     def come_up(self) -> None:
         self.default_status = 200
+        self._failing_paths.clear()
 
     @property
     def delivered(self) -> list[RecordedRequest]:
@@ -128,7 +134,11 @@ class FakeWebhook:
             else:
                 return False
         assert request is not None
-        status = self._script.popleft() if self._script else self.default_status
+        path = request.target.decode()
+        if path in self._failing_paths:
+            status = self._failing_paths[path]
+        else:
+            status = self._script.popleft() if self._script else self.default_status
         self._record(request, bytes(body), status)
         if status == DROP:
             return False

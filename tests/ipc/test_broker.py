@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from ipc.broker import MAX_PRIORITY, Broker, open_broker
-from ipc.errors import BrokerUnavailable
+from ipc.errors import BrokerUnavailableError
 from ipc.settings import SETTINGS_ENV
 
 if TYPE_CHECKING:
@@ -269,8 +269,12 @@ async def test_broker_cancelled_calls_leave_it_usable(
             await broker.declare_queue(q)
         with trio.move_on_after(delay):
             await broker.publish(q, b"maybe")
+        with trio.move_on_after(delay):
+            async with broker.consume(q, prefetch=10):
+                await trio.sleep_forever()
     await broker.publish(q, b"marker")
     await broker.ping()
+    # A consumer whose opening was cancelled must not hold messages: the marker arrives.
     async with broker.consume(q, prefetch=10) as consumer:
         # A cancelled publish may still have arrived; the marker must, last.
         while (delivery := await receive(consumer)).body != b"marker":
@@ -357,7 +361,7 @@ async def test_broker_unavailable_when_backend_unreachable(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         bad = _unreachable(settings, tmp_path, sock)
-        with pytest.raises(BrokerUnavailable):
+        with pytest.raises(BrokerUnavailableError):
             async with open_broker(bad):
                 pass
 
@@ -372,22 +376,35 @@ async def test_sqlite_broker_unavailable_on_unusable_file(
     else:
         path.parent.mkdir(parents=True)
         path.write_bytes(b"this is not an SQLite database, just some bytes " * 100)
-    with pytest.raises(BrokerUnavailable):
+    with pytest.raises(BrokerUnavailableError):
         async with open_broker(embedded_settings):
             pass
 
 
 class CuttableProxy:
-    """A TCP relay to RabbitMQ whose connections the test can cut: a real socket fault."""
+    """A TCP relay to RabbitMQ the test can cut or stop: real socket faults."""
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)
         self._scopes: set[trio.CancelScope] = set()
+        self._serving = trio.CancelScope()
+        self._stopped = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(self._relay, listeners)
+        try:
+            with self._serving:
+                task_status.started(listeners[0].socket.getsockname()[1])
+                await trio.serve_listeners(self._relay, listeners)
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Cut every connection and refuse new ones."""
+        self._serving.cancel()
+        await self._stopped.wait()
 
     def cut(self) -> None:
         for scope in self._scopes:
@@ -396,10 +413,13 @@ class CuttableProxy:
     async def _relay(self, client: trio.SocketStream) -> None:
         with trio.CancelScope() as scope:
             self._scopes.add(scope)
-            async with client, await trio.open_tcp_stream(*self._target) as upstream:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, upstream, scope)
-                    nursery.start_soon(self._pump, upstream, client, scope)
+            async with (
+                client,
+                await trio.open_tcp_stream(*self._target) as upstream,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(self._pump, client, upstream, scope)
+                nursery.start_soon(self._pump, upstream, client, scope)
         self._scopes.discard(scope)
 
     @staticmethod
@@ -428,7 +448,7 @@ async def test_amqp_connection_loss_fails_consumer_then_publish_reconnects(
             async with broker.consume(q, prefetch=1) as consumer:
                 assert (await receive(consumer)).body == b"one"
                 proxy.cut()
-                with trio.fail_after(10), pytest.raises(BrokerUnavailable):
+                with trio.fail_after(10), pytest.raises(BrokerUnavailableError):
                     await consumer.receive()
             await broker.publish(q, b"two")
             async with broker.consume(q, prefetch=2) as consumer:
@@ -437,3 +457,29 @@ async def test_amqp_connection_loss_fails_consumer_then_publish_reconnects(
             assert [(d.body, d.redelivered) for d in again] == [(b"one", True), (b"two", False)]
         finally:
             await broker.delete_queue(q)
+
+
+async def test_amqp_unavailable_once_the_broker_is_gone(
+    redis_settings: Settings, namespace: Namespace, nursery: trio.Nursery
+) -> None:
+    assert redis_settings.amqp is not None
+    proxy = CuttableProxy(redis_settings.amqp.hostname, redis_settings.amqp.port)
+    port = await nursery.start(proxy.run)
+    amqp = redis_settings.amqp.model_copy(update={"port": port})
+    q = namespace.queue("gone")
+    try:
+        async with open_broker(redis_settings.model_copy(update={"amqp": amqp})) as broker:
+            await broker.publish(q, b"before")
+            await proxy.stop()
+            with trio.fail_after(10):
+                with pytest.raises(BrokerUnavailableError):
+                    await broker.publish(q, b"after")
+                with pytest.raises(BrokerUnavailableError):
+                    await broker.queue_length(q)
+                with pytest.raises(BrokerUnavailableError):
+                    await broker.ping()
+    finally:
+        async with open_broker(redis_settings) as direct:
+            length = await direct.queue_length(q)
+            await direct.delete_queue(q)
+    assert length == 1

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from ipc.errors import StoreUnavailable
+from ipc.errors import StoreUnavailableError
 from ipc.names import Namespace
 from ipc.settings import RedisSettings
 from ipc.state import OutboundRecord, open_state
@@ -373,7 +373,7 @@ async def test_redis_key_layout_matches_the_original(
 
 
 async def test_redis_unreachable_at_connect(namespace: Namespace) -> None:
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailableError):
         await RedisStateStore.connect(
             RedisSettings(host="127.0.0.1", port=_closed_port()), namespace
         )
@@ -418,9 +418,9 @@ async def test_redis_lost_mid_life_raises_store_unavailable(
             await store.aclose()
             raise
     try:
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailableError):
             await store.get_channel("c1")
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailableError):
             await store.ping()
     finally:
         await store.aclose()
@@ -432,14 +432,14 @@ async def test_redis_lost_mid_life_raises_store_unavailable(
 
 async def test_sqlite_uncreatable_path(tmp_path: Path, namespace: Namespace) -> None:
     (tmp_path / "a-file").write_text("not a directory")
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailableError):
         await SqliteStateStore.open(tmp_path / "a-file" / "state.sqlite3", namespace)
 
 
 async def test_sqlite_not_a_database(tmp_path: Path, namespace: Namespace) -> None:
     path = tmp_path / "state.sqlite3"
     path.write_bytes(b"this is not an SQLite file, just text long enough to read a header" * 20)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailableError):
         await SqliteStateStore.open(path, namespace)
 
 
@@ -451,7 +451,7 @@ async def test_sqlite_locked_by_another_process_raises_store_unavailable(
     holder = sqlite3.connect(path, isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailableError):
             await store.save_channel("c1", {})
         holder.execute("ROLLBACK")
         await store.save_channel("c1", {})
@@ -465,7 +465,7 @@ async def test_sqlite_closed_store_raises_store_unavailable(
 ) -> None:
     store = await SqliteStateStore.open(tmp_path / "state.sqlite3", namespace)
     await store.aclose()
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailableError):
         await store.ping()
 
 

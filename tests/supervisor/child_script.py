@@ -26,6 +26,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -34,26 +35,28 @@ from ipc.messages import Role
 from ipc.names import supervisor_socket
 from ipc.settings import Settings
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
 CATALOG = {"fake": {"type": "object", "properties": {"x": {"type": "integer"}}}}
 
 
-async def _until_stopped(*, on_term: Path | None = None) -> None:
+async def _until_stopped(signals: AsyncIterator[int], on_term: Path | None) -> None:
     """Return on stdin EOF, or on SIGTERM unless `on_term` is given (then just note it)."""
     stdin = trio.lowlevel.FdStream(os.dup(0))
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
 
-            async def watch_signals() -> None:
-                async for _ in signals:
-                    if on_term is None:
-                        nursery.cancel_scope.cancel()
-                        return
-                    on_term.write_text("SIGTERM\n")  # noqa: ASYNC240 — tiny test write
+        async def watch_signals() -> None:
+            async for _ in signals:
+                if on_term is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                on_term.write_text("SIGTERM\n")  # noqa: ASYNC240 — tiny test write
 
-            nursery.start_soon(watch_signals)
-            while await stdin.receive_some():
-                pass
-            nursery.cancel_scope.cancel()
+        nursery.start_soon(watch_signals)
+        while await stdin.receive_some():
+            pass
+        nursery.cancel_scope.cancel()
 
 
 def _record(path: Path, role: str, ident: str) -> None:
@@ -76,26 +79,34 @@ def _record(path: Path, role: str, ident: str) -> None:
 
 
 async def main(role: str, ident: str, mode: str, args: list[str]) -> int:
+    # Handlers first, so a SIGTERM right after the Hello is handled, not fatal.
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        return await _behave(signals, role, ident, mode, args)
+
+
+async def _behave(
+    signals: AsyncIterator[int], role: str, ident: str, mode: str, args: list[str]
+) -> int:
     settings = Settings.from_env()
     assert settings.run_dir is not None
     path = supervisor_socket(settings.run_dir)
     channel_id = ident if role == "channel" else None
-    # Handlers first, so a SIGTERM right after the Hello is a clean stop, not a kill.
-    stop_watch_term = mode == "stubborn"
+    on_term = Path(args[0]) if mode == "stubborn" else None
     if mode == "silent":
-        await _until_stopped()
+        await _until_stopped(signals, None)
         return 0
     if mode == "gate":
         gate = Path(args[0])
         (gate / "started").write_text(str(os.getpid()))
         while not (gate / "go").exists():  # noqa: ASYNC110 — a test script waiting on the test
             await trio.sleep(0.01)
+    if mode == "record":
+        # Before the Hello, so the file is complete once the supervisor sees the child ready.
+        _record(Path(args[0]), role, ident)
     async with open_ipc_client(path, role=Role(role), channel_id=channel_id):
         if mode == "hello-exit":
             return int(args[0])
-        if mode == "record":
-            _record(Path(args[0]), role, ident)
-        await _until_stopped(on_term=Path(args[0]) if stop_watch_term else None)
+        await _until_stopped(signals, on_term)
     return 0
 
 

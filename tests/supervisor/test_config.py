@@ -30,12 +30,14 @@ def _get(settings: Settings, dotted: str) -> Any:
     return value
 
 
+RMI = "http://rabbit:15672"
+
 # (short, long, value given, settings attribute, expected)
 FLAGS: list[tuple[str, str, str, str, Any]] = [
     ("-i", "--interface", "0.0.0.0", "interface", "0.0.0.0"),
     ("-p", "--port", "9000", "port", 9000),
     ("-l", "--log-file", "/var/log/jb.log", "logfile", "/var/log/jb.log"),
-    ("-sd", "--sentry-dsn", "https://k@sentry.example/1", "sentry_dsn", "https://k@sentry.example/1"),
+    ("-sd", "--sentry-dsn", "https://k@sentry/1", "sentry_dsn", "https://k@sentry/1"),
     ("-redish", "--redis-host", "redis.local", "redis.host", "redis.local"),
     ("-redisp", "--redis-port", "6380", "redis.port", 6380),
     ("-redisdb", "--redis-db", "3", "redis.db", 3),
@@ -50,14 +52,13 @@ FLAGS: list[tuple[str, str, str, str, Any]] = [
     ("-rch", "--replace-channels", "true", "replace_channels", True),
     ("--routers", "--routers", "kw:my.routers.Keyword", "routers", {"kw": "my.routers.Keyword"}),
     ("--replace-routers", "--replace-routers", "1", "replace_routers", True),
-    ("-pl", "--plugin", '{"type": "my.Plugin", "a": 1}', "plugins", [{"type": "my.Plugin", "a": 1}]),
+    ("-pl", "--plugin", '{"type": "my.P", "a": 1}', "plugins", [{"type": "my.P", "a": 1}]),
     ("-mw", "--metric-window", "2.5", "metric_window", 2.5),
     ("-lp", "--logging-path", "/tmp/jblogs", "logging_path", "/tmp/jblogs"),
     ("-lrs", "--log-rotate-size", "2048", "log_rotate_size", 2048),
     ("-mlf", "--max-log-files", "0", "max_log_files", 0),
     ("-ml", "--max-logs", "7", "max_logs", 7),
-    ("-rmi", "--rabbitmq-management-interface", "http://r:15672", "rabbitmq_management_interface",
-     "http://r:15672"),  # fmt: skip
+    ("-rmi", "--rabbitmq-management-interface", RMI, "rabbitmq_management_interface", RMI),
     ("--data-dir", "--data-dir", "/srv/jb", "data_dir", Path("/srv/jb")),
     ("--run-dir", "--run-dir", "/tmp/jbrun", "run_dir", Path("/tmp/jbrun")),
     ("--api-workers", "--api-workers", "3", "api_workers", 3),

@@ -1,0 +1,376 @@
+"""The forwarder on both backends, with a fake webhook receiver as mo_url / event_url."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from channel_proc.deadletter import dead_letter_queue
+from channel_proc.forwarder import Routes
+from channel_proc.transports.base import StatusLevel
+from ipc.broker import open_broker
+from ipc.codec import encode_payload
+from ipc.names import amqp_event_key, amqp_inbound_key, amqp_outbound_queue
+from ipc.payloads import EventType, SessionEvent, VumiEvent, VumiMessage, api_event, api_message
+from ipc.state import open_state
+from tests.channel_proc.support import (
+    WAIT,
+    StatusInbox,
+    drain_queue,
+    running_forwarder,
+    wait_for,
+    wait_for_length,
+)
+from tests.fakes.webhook import DROP
+
+if TYPE_CHECKING:
+    from ipc.broker import Broker
+    from ipc.names import Namespace
+    from ipc.settings import Settings
+    from ipc.state import StateStore
+    from tests.fakes.webhook import FakeWebhook
+
+
+def inbound_msg(content: str = "Hi there") -> VumiMessage:
+    return VumiMessage(
+        to_addr="0.0.0.0:9001",
+        from_addr="127.0.0.1:53378",
+        content=content,
+        session_event=SessionEvent.RESUME,
+        transport_type="telnet",
+    )
+
+
+async def rate(store: StateStore, channel_id: str, label: str, since: int) -> int:
+    """Sum of the label's counters from bucket `since` to now (a bucket may roll over)."""
+    now = int(time.time() / 10.0)
+    total = 0
+    for bucket in range(since, now + 1):
+        total += (await store.get_rates(channel_id, [label], bucket))[label]
+    return total
+
+
+@pytest.fixture
+def deps(
+    settings: Settings, namespace: Namespace, store: StateStore, broker: Broker, channel_id: str
+) -> dict[str, object]:
+    return {
+        "settings": settings,
+        "namespace": namespace,
+        "store": store,
+        "broker": broker,
+        "channel_id": channel_id,
+    }
+
+
+async def test_forwarder_inbound_reaches_mo_url_with_token(
+    deps: dict[str, object],
+    store: StateStore,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    msg = inbound_msg()
+    bucket = int(time.time() / 10.0)
+    await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
+    routes = Routes(mo_url=webhook.url("/mo"), mo_url_auth_token="mo-token-123")
+    async with running_forwarder(routes=routes, **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            (request,) = await webhook.wait_for_requests(1)
+    assert request.path == "/mo"
+    assert request.headers["authorization"] == "Token mo-token-123"
+    assert request.headers["content-type"] == "application/json"
+    assert request.json() == api_message(msg, channel_id)
+    assert await store.get_inbound(channel_id, msg.message_id, 600) == msg.model_dump(mode="json")
+    assert await rate(store, channel_id, "inbound", bucket) == 1
+    assert await broker.queue_length(namespace.inbound_queue(channel_id)) == 0
+
+
+async def test_forwarder_inbound_basic_auth_from_url_userinfo(
+    deps: dict[str, object],
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    await broker.publish(namespace.inbound_queue(channel_id), encode_payload(inbound_msg()))
+    url = webhook.url("/mo").replace("http://", "http://user:p%40ss@")
+    async with running_forwarder(routes=Routes(mo_url=url), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            (request,) = await webhook.wait_for_requests(1)
+    expected = base64.b64encode(b"user:p@ss").decode()
+    assert request.headers["authorization"] == f"Basic {expected}"
+    assert request.path == "/mo"
+
+
+async def test_forwarder_session_close_is_forwarded(
+    deps: dict[str, object],
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    msg = VumiMessage(from_addr="a", to_addr="b", session_event=SessionEvent.CLOSE)
+    await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
+    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            (request,) = await webhook.wait_for_requests(1)
+    assert request.json()["channel_data"] == {"session_event": "close"}
+    assert request.json()["content"] is None
+
+
+async def test_forwarder_event_reaches_event_url(
+    deps: dict[str, object],
+    store: StateStore,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    mid = uuid.uuid4().hex
+    record = {
+        "message_id": mid,
+        "to": "x",
+        "event_url": webhook.url("/ev"),
+        "event_auth_token": "ev-tok",
+    }
+    await store.put_outbound(channel_id, mid, record, 600)
+    event = VumiEvent(event_type=EventType.ACK, user_message_id=mid, sent_message_id=mid)
+    bucket = int(time.time() / 10.0)
+    await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
+    async with running_forwarder(routes=Routes(), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            (request,) = await webhook.wait_for_requests(1)
+    assert request.path == "/ev"
+    assert request.headers["authorization"] == "Token ev-tok"
+    assert request.json() == api_event(event, channel_id)
+    assert request.json()["event_type"] == "submitted"
+    stored = await store.get_outbound(channel_id, mid, 600)
+    assert stored is not None
+    assert [e["event_id"] for e in stored.events] == [event.event_id]
+    assert await rate(store, channel_id, "submitted", bucket) == 1
+    assert await broker.queue_length(namespace.event_queue(channel_id)) == 0
+
+
+async def test_forwarder_event_without_record_is_stored_and_acked(
+    deps: dict[str, object],
+    store: StateStore,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    event = VumiEvent(event_type=EventType.NACK, user_message_id="m1", nack_reason="no")
+    await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
+    async with running_forwarder(routes=Routes(), **deps):  # type: ignore[arg-type]
+        await wait_for_length(broker, namespace.event_queue(channel_id), 0)
+
+        async def stored() -> bool:
+            record = await store.get_outbound(channel_id, "m1", 600)
+            return record is not None and len(record.events) == 1
+
+        with trio.fail_after(WAIT):
+            await wait_for(stored)
+    assert webhook.requests == []
+
+
+@pytest.mark.slow
+async def test_forwarder_retries_until_delivered_and_then_acks(
+    deps: dict[str, object],
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    webhook.fail_next(2, status=500)
+    webhook.fail_next(1, status=DROP)
+    msg = inbound_msg()
+    queue = namespace.inbound_queue(channel_id)
+    await broker.publish(queue, encode_payload(msg))
+    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            requests = await webhook.wait_for_requests(1, delivered_only=True)
+    assert [r.status for r in webhook.requests] == [500, 500, DROP, 200]
+    assert requests[0].json()["message_id"] == msg.message_id
+    assert all(r.body == requests[0].body for r in webhook.requests)
+    # The forwarder has stopped: anything unacked would be back in the queue.
+    assert await broker.queue_length(queue) == 0
+
+
+@pytest.mark.slow
+async def test_forwarder_does_not_ack_before_delivery(
+    deps: dict[str, object],
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    queue = namespace.inbound_queue(channel_id)
+    msg = inbound_msg()
+    await broker.publish(queue, encode_payload(msg))
+    webhook.go_down()
+    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            await webhook.wait_for_requests(3)
+    assert await broker.queue_length(queue) == 1
+    webhook.come_up()
+    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            (delivered,) = await webhook.wait_for_requests(1, delivered_only=True)
+    assert delivered.json()["message_id"] == msg.message_id
+    assert await broker.queue_length(queue) == 0
+
+
+@pytest.mark.slow
+async def test_forwarder_dead_mo_url_does_not_block_events(
+    deps: dict[str, object],
+    store: StateStore,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    mid = uuid.uuid4().hex
+    await store.put_outbound(channel_id, mid, {"event_url": webhook.url("/ev")}, 600)
+    await broker.publish(namespace.inbound_queue(channel_id), encode_payload(inbound_msg()))
+    webhook.fail_path("/mo")
+    async with running_forwarder(routes=Routes(mo_url=webhook.url("/mo")), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            await webhook.wait_for_requests(2, path="/mo")
+        event = VumiEvent(event_type=EventType.ACK, user_message_id=mid)
+        await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
+        with trio.fail_after(WAIT):
+            await webhook.wait_for_requests(1, path="/ev", delivered_only=True)
+        assert webhook.on_path("/mo") == []
+
+
+@pytest.mark.slow
+async def test_forwarder_gives_up_after_max_age_and_dead_letters(
+    deps: dict[str, object],
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    msg = inbound_msg()
+    body = encode_payload(msg)
+    await broker.publish(namespace.inbound_queue(channel_id), body)
+    webhook.go_down(status=500)
+    dead = dead_letter_queue(namespace, channel_id)
+    routes = Routes(mo_url=webhook.url())
+    async with running_forwarder(routes=routes, webhook_max_age=0.3, **deps):  # type: ignore[arg-type]
+        await wait_for_length(broker, dead, 1)
+    assert await broker.queue_length(namespace.inbound_queue(channel_id)) == 0
+    assert await drain_queue(broker, dead, 1) == [body]
+
+
+async def test_forwarder_undecodable_inbound_is_dead_lettered(
+    deps: dict[str, object],
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    await broker.publish(namespace.inbound_queue(channel_id), b"not json")
+    dead = dead_letter_queue(namespace, channel_id)
+    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+        await wait_for_length(broker, dead, 1)
+    assert await broker.queue_length(namespace.inbound_queue(channel_id)) == 0
+    assert await drain_queue(broker, dead, 1) == [b"not json"]
+    assert webhook.requests == []
+
+
+@pytest.mark.slow
+async def test_forwarder_reports_degraded_then_recovered(
+    deps: dict[str, object],
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    webhook.fail_next(2, status=502)
+    await broker.publish(namespace.inbound_queue(channel_id), encode_payload(inbound_msg()))
+    inbox = StatusInbox()
+    routes = Routes(mo_url=webhook.url("/mo"))
+    async with running_forwarder(routes=routes, statuses=inbox, **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            await webhook.wait_for_requests(1, delivered_only=True)
+    reports = [(r.component, r.level, r.type) for r in inbox.reports()]
+    assert reports == [
+        ("mo_url", StatusLevel.DEGRADED, "delivery_failing"),
+        ("mo_url", StatusLevel.OK, "delivery_recovered"),
+    ]
+
+
+async def test_forwarder_amqp_queue_publishes_and_relays(
+    redis_settings: Settings,
+    namespace: Namespace,
+    store: StateStore,
+    broker: Broker,
+    channel_id: str,
+) -> None:
+    if redis_settings.amqp is None:  # pragma: no cover - the fixture always sets it
+        pytest.fail("redis_settings has no amqp")
+    amqp_queue = f"jbtest-{uuid.uuid4().hex[:12]}"
+    queues = [
+        amqp_inbound_key(amqp_queue),
+        amqp_event_key(amqp_queue),
+        amqp_outbound_queue(amqp_queue),
+    ]
+    for queue in queues:
+        await broker.declare_queue(queue)
+    try:
+        msg = inbound_msg()
+        event = VumiEvent(event_type=EventType.ACK, user_message_id="m")
+        outbound = VumiMessage(to_addr="x", content="from amqp")
+        await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
+        await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
+        await broker.publish(amqp_outbound_queue(amqp_queue), encode_payload(outbound))
+        async with running_forwarder(
+            settings=redis_settings,
+            namespace=namespace,
+            store=store,
+            broker=broker,
+            channel_id=channel_id,
+            routes=Routes(amqp_queue=amqp_queue),
+        ):
+            assert await drain_queue(broker, amqp_inbound_key(amqp_queue), 1) == [
+                encode_payload(msg)
+            ]
+            assert await drain_queue(broker, amqp_event_key(amqp_queue), 1) == [
+                encode_payload(event)
+            ]
+            relayed = await drain_queue(broker, namespace.outbound_queue(channel_id), 1)
+        assert relayed == [encode_payload(outbound)]
+    finally:
+        for queue in queues:
+            await broker.delete_queue(queue)
+
+
+async def test_forwarder_ignores_amqp_queue_on_embedded_broker(
+    embedded_settings: Settings,
+    namespace: Namespace,
+    channel_id: str,
+) -> None:
+    amqp_queue = "jbtest-embedded"
+    async with (
+        open_state(embedded_settings, namespace) as store,
+        open_broker(embedded_settings) as broker,
+    ):
+        await broker.publish(namespace.inbound_queue(channel_id), encode_payload(inbound_msg()))
+        async with running_forwarder(
+            settings=embedded_settings,
+            namespace=namespace,
+            store=store,
+            broker=broker,
+            channel_id=channel_id,
+            routes=Routes(amqp_queue=amqp_queue),
+        ):
+            await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
+        assert await broker.queue_length(amqp_inbound_key(amqp_queue)) == 0

@@ -1,0 +1,123 @@
+"""Shared harness for transport tests: a real memory-channel TransportLink and case tables.
+
+Each kind's test file declares InboundCase / OutboundCase tables and drives its fake
+provider; the harness runs the transport and reads what it produced.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from channel_proc.events import StatusReported
+from ipc.payloads import VumiEvent, VumiMessage
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping
+
+    from channel_proc.transports.base import StatusLevel, Transport
+    from channel_proc.transports.errors import SendError
+
+#: How long a harness read waits before the test fails.
+READ_TIMEOUT = 5.0
+
+
+class MemoryLink:
+    """A TransportLink whose output lands in bounded memory channels the test reads."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.inbound_send, self.inbound_recv = trio.open_memory_channel[VumiMessage](size)
+        self.events_send, self.events_recv = trio.open_memory_channel[VumiEvent](size)
+        self.status_send, self.status_recv = trio.open_memory_channel[StatusReported](size)
+
+    async def inbound(self, msg: VumiMessage) -> None:
+        await self.inbound_send.send(msg)
+
+    async def delivery_report(self, event: VumiEvent) -> None:
+        await self.events_send.send(event)
+
+    def status(
+        self,
+        component: str,
+        level: StatusLevel,
+        type: str,
+        message: str,
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        self.status_send.send_nowait(
+            StatusReported(
+                component=component, level=level, type=type, message=message, details=details or {}
+            )
+        )
+
+    async def next_inbound(self) -> VumiMessage:
+        with trio.fail_after(READ_TIMEOUT):
+            return await self.inbound_recv.receive()
+
+    async def wait_status(self, type_: str) -> StatusReported:
+        """The next status of type `type_` (earlier ones of other types are skipped)."""
+        with trio.fail_after(READ_TIMEOUT):
+            while True:
+                report = await self.status_recv.receive()
+                if report.type == type_:
+                    return report
+
+    def pending_inbound(self) -> list[VumiMessage]:
+        """Inbound messages produced and not read yet (no waiting)."""
+        found = []
+        while True:
+            try:
+                found.append(self.inbound_recv.receive_nowait())
+            except trio.WouldBlock:
+                return found
+
+
+def build(
+    kind: type[Transport[Any]], config: Mapping[str, object]
+) -> tuple[Transport[Any], MemoryLink]:
+    link = MemoryLink()
+    return kind(kind.config_type.model_validate(config), link), link
+
+
+@asynccontextmanager
+async def running_transport(
+    kind: type[Transport[Any]], config: Mapping[str, object]
+) -> AsyncIterator[tuple[Transport[Any], MemoryLink]]:
+    """Run the transport for the block (started() awaited), then cancel it."""
+    transport, link = build(kind, config)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(READ_TIMEOUT):
+            await nursery.start(transport.run)
+        yield transport, link
+        nursery.cancel_scope.cancel()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboundCase:
+    """What the provider (or client) sends, and the inbound messages expected from it."""
+
+    label: str
+    provider_input: tuple[bytes, ...]
+    #: For each inbound message in order, the fields it must have (others are not checked).
+    expected: tuple[Mapping[str, object], ...]
+    config: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundCase:
+    """An outbound message, and what the provider receives or which SendError is raised."""
+
+    label: str
+    message: Mapping[str, object]
+    provider_output: bytes = b""
+    error: type[SendError] | None = None
+    config: Mapping[str, object] = field(default_factory=dict)
+
+
+def assert_fields(msg: VumiMessage | VumiEvent, expected: Mapping[str, object]) -> None:
+    dumped = msg.model_dump(mode="json")
+    actual = {key: dumped.get(key) for key in expected}
+    assert actual == dict(expected)
