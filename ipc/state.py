@@ -103,6 +103,33 @@ class StateStore(abc.ABC):
     async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:
         """The counters of one bucket for each label; missing counters read 0."""
 
+    # --- small keyed records (transport notes, routers, ...) ---------------------------
+
+    async def kv_put(
+        self, scope: str, key: str, value: JsonObject, ttl: float | None = None
+    ) -> None:
+        """Store `value` under (scope, key); ttl None keeps it until deleted.
+
+        Scopes that start with "{channel_id}:" are removed by delete_channel.
+        """
+        raise NotImplementedError
+
+    async def kv_get(self, scope: str, key: str) -> JsonObject | None:
+        """The value, or None when missing or expired (reads do not refresh the TTL)."""
+        raise NotImplementedError
+
+    async def kv_delete(self, scope: str, key: str) -> bool:
+        """Remove one entry; False when it did not exist."""
+        raise NotImplementedError
+
+    async def kv_items(self, scope: str) -> dict[str, JsonObject]:
+        """Every live entry of a scope, by key (sorted)."""
+        raise NotImplementedError
+
+    async def kv_clear(self, scope: str) -> None:
+        """Remove every entry of a scope."""
+        raise NotImplementedError
+
     # --- lifecycle --------------------------------------------------------------------
 
     @abc.abstractmethod
