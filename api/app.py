@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 
 from quart_trio import QuartTrio
 
+from api.asgi import HTTPConnection
 from api.deps import EXTENSION_KEY, ApiContext
 from api.errors import http_error_response, register_error_handlers
-from api.routes import channels, health, logs, messages
+from api.routes import channels, docs, health, logs, messages
 from ipc.broker import open_broker
 from ipc.errors import BrokerUnavailableError, StoreUnavailableError
 from ipc.names import Namespace
@@ -26,9 +27,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Largest request body read (413 beyond). No body of this API comes near it; the default
+#: stops one client from making a worker buffer megabytes. (A Settings field would make it
+#: configurable per gateway; create_app takes it as an argument meanwhile.)
+MAX_BODY_SIZE = 1024 * 1024
+#: Seconds for a body to arrive once its headers have (408 beyond): slow clients cannot
+#: hold a request open indefinitely.
+BODY_TIMEOUT = 30
+
 
 class JunebugApp(QuartTrio):
     """Routing errors (404, 405 and the 308 slash redirect included) answer in the envelope."""
+
+    asgi_http_class = HTTPConnection
 
     async def handle_http_exception(self, error: HTTPException) -> Response:
         # Quart returns RoutingExceptions such as RequestRedirect untouched, bypassing the
@@ -36,13 +47,22 @@ class JunebugApp(QuartTrio):
         return http_error_response(error)
 
 
-def create_app(settings: Settings, *, supervisor: SupervisorLink) -> JunebugApp:
+def create_app(
+    settings: Settings,
+    *,
+    supervisor: SupervisorLink,
+    max_body_size: int = MAX_BODY_SIZE,
+    body_timeout: float = BODY_TIMEOUT,
+) -> JunebugApp:
     """The API app. While serving it holds the state store and the broker; `supervisor` is
     run by the caller (api.main or a test), which decides when the worker is ready.
     """
-    app = JunebugApp(__name__)
+    # No static files: every path is an API route (or /docs, /openapi.json).
+    app = JunebugApp(__name__, static_folder=None)
     # Every response carries the envelope, so OPTIONS is not answered automatically.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    app.config["MAX_CONTENT_LENGTH"] = max_body_size
+    app.config["BODY_TIMEOUT"] = body_timeout
     context = ApiContext(
         settings=settings, namespace=Namespace(settings.namespace), supervisor=supervisor
     )
@@ -67,7 +87,13 @@ def create_app(settings: Settings, *, supervisor: SupervisorLink) -> JunebugApp:
                 context.startup_failure = exc
             raise
 
-    for blueprint in (channels.blueprint, messages.blueprint, logs.blueprint, health.blueprint):
+    for blueprint in (
+        channels.blueprint,
+        messages.blueprint,
+        logs.blueprint,
+        health.blueprint,
+        docs.blueprint,
+    ):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     return app

@@ -30,6 +30,8 @@ class ApiContext:
     declared_queues: set[str] = field(default_factory=set)
     #: Why serving could not start (store or broker unreachable), for the exit code.
     startup_failure: BaseException | None = None
+    #: The OpenAPI document, serialized once on first request (api.routes.docs).
+    openapi_json: str | None = None
 
 
 def api_context() -> ApiContext:

@@ -24,6 +24,7 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from quart import Response, request
+from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
 from ipc.errors import BrokerUnavailableError, QueueFullError, StoreUnavailableError
@@ -154,7 +155,10 @@ class SupervisorUnavailableError(ApiError):
 
 
 def http_error_response(error: HTTPException) -> Response:
-    """Routing and protocol errors (404, 405, 308 slash redirect, 413...) in the envelope."""
+    """Routing and protocol errors (404, 405, 308 slash redirect, 408, 413...) in the envelope.
+
+    A 405 names the allowed methods in `Allow`, as HTTP requires (the original sent none).
+    """
     code = error.code or 500
     name = error.name
     if isinstance(error, RequestRedirect):
@@ -168,7 +172,10 @@ def http_error_response(error: HTTPException) -> Response:
         return error_envelope(code, None, [item], headers={"Location": error.new_url})
     description = error.description
     item = {"code": code, "type": name, "message": f"{code} {name}: {description}"}
-    return error_envelope(code, description, [item])
+    headers = None
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        headers = {"Allow": ", ".join(sorted(error.valid_methods))}
+    return error_envelope(code, description, [item], headers=headers)
 
 
 def _unavailable(error: Exception) -> Response:

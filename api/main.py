@@ -23,9 +23,19 @@ from api.deps import EXTENSION_KEY, ApiContext
 from api.supervisor_link import SupervisorLink
 from ipc.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from ipc.names import supervisor_socket
+from ipc.observability import configure_sentry, logging_disabled
 from ipc.settings import SETTINGS_ENV, Settings
 
 log = logging.getLogger("api")
+
+#: Hypercorn's (h11's) limit on a request head (request line + headers) still incomplete:
+#: beyond it Hypercorn itself answers 431 with an empty body and closes the connection. The
+#: app never sees the request, so that one answer is not in the envelope. A head that
+#: arrives whole within one socket read (64 KiB) is not held to it.
+MAX_REQUEST_HEAD = 16 * 1024
+#: Seconds one socket read may wait while a request is being received (slow-client bound;
+#: an idle keep-alive connection is closed after Hypercorn's keep_alive_timeout anyway).
+READ_TIMEOUT = 30
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,12 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _hypercorn_config(bind: str, settings: Settings) -> HypercornConfig:
+def hypercorn_config(bind: str, settings: Settings) -> HypercornConfig:
+    """How every API worker serves: timeouts, request-head limit, logging."""
     config = HypercornConfig()
     config.bind = [bind]
     # Finish in-flight requests before the supervisor's own grace period ends in SIGKILL.
     config.graceful_timeout = max(1.0, settings.shutdown_grace - 2.0)
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.h11_max_incomplete_size = MAX_REQUEST_HEAD
+    config.read_timeout = READ_TIMEOUT
     return config
 
 
@@ -79,7 +92,12 @@ async def run_api(settings: Settings, *, bind: str, watch_stdin: bool) -> int:
     """Serve until SIGTERM/SIGINT or stdin EOF; the exit code for the supervisor."""
     socket_path = supervisor_socket(settings.run_dir) if settings.run_dir is not None else None
     link = SupervisorLink(socket_path)
-    app = create_app(settings, supervisor=link)
+    app = create_app(
+        settings,
+        supervisor=link,
+        max_body_size=settings.max_body_size,
+        body_timeout=settings.body_timeout,
+    )
     context: ApiContext = app.extensions[EXTENSION_KEY]
     stop = trio.Event()
     exit_code = EXIT_OK
@@ -88,7 +106,7 @@ async def run_api(settings: Settings, *, bind: str, watch_stdin: bool) -> int:
             nursery.start_soon(_watch_signals, stop)
             if watch_stdin:
                 nursery.start_soon(_watch_stdin, stop)
-            config = _hypercorn_config(bind, settings)
+            config = hypercorn_config(bind, settings)
             binds = await nursery.start(_serve, app, config, stop, nursery.cancel_scope)
             log.info("serving on %s", ", ".join(binds))
             # Connecting is our readiness signal to the supervisor: only once we serve.
@@ -103,12 +121,23 @@ async def run_api(settings: Settings, *, bind: str, watch_stdin: bool) -> int:
     return exit_code
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _configure_logging(worker: int) -> None:
+    if logging_disabled():
+        # JUNEBUG_DISABLE_LOGGING: nothing on stdout/stderr (the NullHandler also keeps
+        # logging's last-resort handler quiet). Records are still made, so Sentry gets them.
+        root = logging.getLogger()
+        root.addHandler(logging.NullHandler())
+        root.setLevel(logging.INFO)
+        return
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s api[{args.worker}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s api[{worker}] %(levelname)s %(name)s: %(message)s",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.worker)
     if args.fd is not None:
         bind, watch_stdin = f"fd://{args.fd}", True
     else:
@@ -120,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings.from_env()
     except (KeyError, ValueError) as exc:
         log.error("bad settings: %s", exc)
+        return EXIT_CONFIG
+    try:
+        configure_sentry(settings, role="api")
+    except ValueError as exc:  # sentry_sdk's BadDsn
+        log.error("bad sentry_dsn: %s", exc)
         return EXIT_CONFIG
     try:
         return trio.run(partial(run_api, settings, bind=bind, watch_stdin=watch_stdin))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.errors import ApiUsageError, MessageTooLongError
+from api.errors import MessageTooLongError
 from ipc.payloads import SessionEvent, VumiMessage
 
 JsonObject = dict[str, Any]
@@ -16,16 +16,9 @@ DEFAULT_PRIORITY = 1
 
 
 def _session_event(channel_data: JsonObject) -> SessionEvent | None:
+    """The body schema (api.schemas.MESSAGE_SEND) has already limited it to these values."""
     value = channel_data.get("session_event")
-    if value is None:
-        return None
-    try:
-        return SessionEvent(value)
-    except ValueError:
-        choices = ", ".join(event.value for event in SessionEvent)
-        raise ApiUsageError(
-            f"Invalid channel_data.session_event {value!r}, must be one of: {choices}"
-        ) from None
+    return None if value is None else SessionEvent(value)
 
 
 def _helper_metadata(channel_data: JsonObject) -> JsonObject:

@@ -1,12 +1,16 @@
 """Request-body parsing and JSON Schema validation at the API edge (behaviour 1.4, 2.2, 2.4, 2.8).
 
 jsonschema, not pydantic, validates bodies so that error messages and schema_path match
-the original's. Bodies are Draft 4; channel-type config schemas come from pydantic (2020-12).
+the original's. Bodies are Draft 4 (whose keywords used here mean the same in the 2020-12
+dialect of OpenAPI 3.1, so api.openapi publishes them as they are); channel-type config
+schemas come from pydantic (2020-12).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -73,13 +77,23 @@ MESSAGE_SEND: JsonObject = {
         "event_url": {"type": "string"},
         "event_auth_token": {"type": "string"},
         # Docs: an int 1-5; the original's schema took a string, so a numeric one still works.
+        # maxLength: Python's `$` also matches before a final newline ("3\n").
         "priority": {
             "type": ["integer", "string"],
             "minimum": 1,
             "maximum": 5,
             "pattern": "^[1-5]$",
+            "maxLength": 1,
         },
-        "channel_data": {"type": "object"},
+        # The two keys the API reads (behaviour 4.1) are typed; the rest is helper_metadata.
+        # The original answered a bad session_event with a 500; this is a 400 invalid_body.
+        "channel_data": {
+            "type": "object",
+            "properties": {
+                "session_event": {"enum": [None, "new", "resume", "close"]},
+                "continue_session": {"type": ["boolean", "null"]},
+            },
+        },
     },
     "required": ["content"],
     "additionalProperties": False,
@@ -90,16 +104,75 @@ CHANNEL_MODIFY_VALIDATOR = Draft4Validator(CHANNEL_MODIFY)
 MESSAGE_SEND_VALIDATOR = Draft4Validator(MESSAGE_SEND)
 
 
+#: Deeper bodies are refused: every layer below (deepcopy, the stores' JSON, pydantic) recurses.
+MAX_NESTING = 64
+
+#: A \uD800-\uDFFF escape: the only way a lone surrogate gets into a UTF-8 body.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        # 1e400 would come back out of json.dumps as `Infinity`, which is not JSON.
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _containers(items: Iterable[object]) -> list[object]:
+    # Exact types: json.loads makes plain dicts and lists, and `type() is` is the fast test.
+    return [item for item in items if type(item) is dict or type(item) is list]
+
+
+def _check_depth(value: object) -> None:
+    """Level by level: a recursive walk would cost several times more on wide bodies."""
+    level = [value]
+    for _ in range(MAX_NESTING):
+        below: list[object] = []
+        for item in level:
+            if isinstance(item, dict):
+                below.extend(_containers(item.values()))
+            elif isinstance(item, list):
+                below.extend(_containers(item))
+        if not below:
+            return
+        level = below
+    raise JsonDecodeError(f"the body is nested deeper than {MAX_NESTING} levels")
+
+
+def _check_structure(value: object, text: str) -> None:
+    """Refuse nesting deeper than MAX_NESTING and strings holding lone surrogates (which no
+    store or encoder downstream can write). Each check runs only when the text could fail it."""
+    if isinstance(value, dict | list) and text.count("[") + text.count("{") > MAX_NESTING:
+        _check_depth(value)
+    if _SURROGATE_ESCAPE.search(text):
+        # Re-encoded without escapes, any lone surrogate shows as itself.
+        found = _SURROGATE.search(json.dumps(value, ensure_ascii=False))
+        if found:
+            code = f"\\u{ord(found.group()):04x}"
+            raise JsonDecodeError(f"the body holds a lone surrogate ({code}), not a character")
+
+
 def parse_json(raw: bytes) -> object:
-    """The body as JSON (an empty body is an error); NaN and Infinity are refused."""
+    """The body as JSON: UTF-8 only (an initial BOM is skipped), never empty, no NaN or
+    Infinity, nesting at most MAX_NESTING deep, no lone surrogates."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and the constants above
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise JsonDecodeError(f"the body is not UTF-8: {exc}") from exc
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise JsonDecodeError(f"the body is nested deeper than {MAX_NESTING} levels") from None
+    except ValueError as exc:  # JSONDecodeError, too many digits and the constants above
         raise JsonDecodeError(str(exc)) from exc
+    _check_structure(value, text)
+    return value
 
 
 def _items(errors: Iterable[ValidationError], prefix: Sequence[str | int]) -> list[JsonObject]:

@@ -98,6 +98,7 @@ class Forwarder:
         # AMQP integration queues only make sense on RabbitMQ; on the embedded queue
         # nobody would ever consume them.
         self._amqp_queue = routes.amqp_queue if settings.amqp is not None else None
+        self._amqp_outbound = amqp_outbound_queue(self._amqp_queue) if self._amqp_queue else ""
         if routes.amqp_queue and settings.amqp is None:
             log.warning("amqp_queue is set but the gateway has no RabbitMQ; it is ignored")
         self._mo_target: WebhookTarget | None = None
@@ -115,9 +116,7 @@ class Forwarder:
             if self._amqp_queue:
                 outbound = self._ns.outbound_queue(self._cid)
                 await self._broker.declare_queue(outbound, max_priority=MAX_PRIORITY)
-                await nursery.start(
-                    self._consume, amqp_outbound_queue(self._amqp_queue), self._relay_outbound
-                )
+                await nursery.start(self._consume, self._amqp_outbound, self._relay_outbound)
             task_status.started()
 
     async def _consume(
@@ -156,7 +155,9 @@ class Forwarder:
             if outcome is Outcome.GAVE_UP:
                 await self._dead_letter(delivery.body, source, f"mo_url gave up on {what}")
         if self._amqp_queue:
-            await self._broker.publish(amqp_inbound_key(self._amqp_queue), delivery.body)
+            key = amqp_inbound_key(self._amqp_queue)
+            await self._broker.publish(key, delivery.body)
+            log.info("inbound message %s published to %s", msg.message_id, key)
         await self._count("inbound")
         await consumer.ack(delivery)
 
@@ -190,7 +191,15 @@ class Forwarder:
             if outcome is Outcome.GAVE_UP:
                 await self._dead_letter(delivery.body, source, f"event_url gave up on {what}")
         if self._amqp_queue:
-            await self._broker.publish(amqp_event_key(self._amqp_queue), delivery.body)
+            key = amqp_event_key(self._amqp_queue)
+            await self._broker.publish(key, delivery.body)
+            log.info(
+                "%s event %s of message %s published to %s",
+                event.event_type.value,
+                event.event_id,
+                event.user_message_id,
+                key,
+            )
         if event_type is not None:
             await self._count(event_type)
         await consumer.ack(delivery)
@@ -217,9 +226,15 @@ class Forwarder:
     # --- AMQP-originated outbound -----------------------------------------------------
 
     async def _relay_outbound(self, consumer: Consumer, delivery: Delivery) -> None:
+        # Relayed unchanged: the outbound actor dead-letters what it cannot decode.
+        try:
+            what = f"message {decode_vumi_message(delivery.body).message_id}"
+        except ProtocolError:
+            what = "an undecodable message"
         await self._broker.publish(
             self._ns.outbound_queue(self._cid), delivery.body, priority=AMQP_OUTBOUND_PRIORITY
         )
+        log.info("%s from %s queued for sending", what, self._amqp_outbound)
         await consumer.ack(delivery)
 
     # --- helpers ----------------------------------------------------------------------

@@ -1,19 +1,24 @@
 """The channel's log: JSON lines in `{logging_path}/{channel_id}` (rotated) and warnings on
-stderr, with every known secret redacted from both."""
+stderr (unless JUNEBUG_DISABLE_LOGGING), with every known secret redacted from both and from
+Sentry events."""
 
 from __future__ import annotations
 
 import json
 import logging
 import logging.handlers
+import os
 import re
 import sys
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from ipc.observability import logging_disabled
+
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
+    from types import TracebackType
 
     from ipc.settings import Settings
 
@@ -70,6 +75,30 @@ def settings_secrets(settings: Settings) -> list[str]:
     return found
 
 
+def exception_class_name(exc_type: type[BaseException]) -> str:
+    """The class name: "ValueError" for builtins (as the docs show), else "module.Class"."""
+    if exc_type.__module__ == "builtins":
+        return exc_type.__qualname__
+    return f"{exc_type.__module__}.{exc_type.__qualname__}"
+
+
+def exception_entry(
+    exc_type: type[BaseException],
+    exc: BaseException,
+    tb: TracebackType | None,
+    redact: Callable[[str], str],
+) -> dict[str, Any]:
+    """The `exception` object of a log entry (docs 1.8.1): class, instance, stack of strings."""
+    return {
+        "class": redact(exception_class_name(exc_type)),
+        "instance": redact(repr(exc)),
+        # One string per traceback chunk (a frame, a "During handling..." line, the error).
+        "stack": [
+            redact(chunk.rstrip("\n")) for chunk in traceback.format_exception(exc_type, exc, tb)
+        ],
+    }
+
+
 class JsonLineFormatter(logging.Formatter):
     """One JSON object per line, in the shape `GET /channels/{id}/logs` returns."""
 
@@ -86,14 +115,8 @@ class JsonLineFormatter(logging.Formatter):
             "message": self._redact(record.getMessage()),
         }
         if record.exc_info and record.exc_info[1] is not None:
-            exc_type, exc, tb = record.exc_info
-            entry["exception"] = {
-                "class": self._redact(repr(exc_type)),
-                "instance": self._redact(repr(exc)),
-                "stack": [
-                    self._redact(line) for line in traceback.format_exception(exc_type, exc, tb)
-                ],
-            }
+            _, exc, tb = record.exc_info
+            entry["exception"] = exception_entry(type(exc), exc, tb, self._redact)
         return json.dumps(entry)
 
 
@@ -106,33 +129,82 @@ class RedactingFormatter(logging.Formatter):
         return self._redact(super().format(record))
 
 
+class ChannelLogHandler(logging.handlers.RotatingFileHandler):
+    """Rotation as the original's twisted LogFile: `X` -> `X.1`, `X.1` -> `X.2`, ...; rotated
+    files numbered `max_files` and up are deleted, and `max_files` 0 keeps them all (the
+    stdlib handler would stop rotating instead and let one file grow without bound)."""
+
+    def __init__(self, path: Path, *, max_bytes: int, max_files: int) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=max_files, encoding="utf-8")
+
+    def rotated_paths(self) -> list[str]:
+        """The existing rotated files `X.1`, `X.2`, ... up to the first gap (the API's view)."""
+        found: list[str] = []
+        while os.path.exists(path := f"{self.baseFilename}.{len(found) + 1}"):
+            found.append(path)
+        return found
+
+    def doRollover(self) -> None:  # noqa: N802 - the stdlib's name
+        if self.stream:
+            self.stream.close()
+            self.stream = None
+        for index, path in reversed(list(enumerate(self.rotated_paths(), start=1))):
+            if self.backupCount and index >= self.backupCount:
+                os.remove(path)
+            else:
+                os.replace(path, f"{self.baseFilename}.{index + 1}")
+        if os.path.exists(self.baseFilename):
+            os.replace(self.baseFilename, f"{self.baseFilename}.1")
+        if not self.delay:
+            self.stream = self._open()
+
+
 def configure_logging(settings: Settings, channel_id: str) -> Redactor:
     """Send INFO and up to the channel's log file and WARNING and up to stderr.
 
-    Returns the Redactor both use; add the channel's secrets to it once they are loaded.
+    The file is the data of `GET /channels/{id}/logs`, so JUNEBUG_DISABLE_LOGGING turns off
+    only stderr. Returns the Redactor both use; add the channel's secrets to it once they are
+    loaded.
     """
     redact = Redactor()
     redact.add(settings_secrets(settings))
     log_dir = Path(settings.logging_path)
     log_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    file_handler = logging.handlers.RotatingFileHandler(
+    file_handler = ChannelLogHandler(
         log_dir / channel_id,
-        maxBytes=settings.log_rotate_size,
-        backupCount=settings.max_log_files,
-        encoding="utf-8",
+        max_bytes=settings.log_rotate_size,
+        max_files=settings.max_log_files,
     )
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(JsonLineFormatter(channel_id, redact))
-    stderr_handler = logging.StreamHandler(sys.stderr)
-    stderr_handler.setLevel(logging.WARNING)
-    stderr_handler.setFormatter(
-        RedactingFormatter(f"channel {channel_id}: %(levelname)s %(name)s: %(message)s", redact)
-    )
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.addHandler(file_handler)
-    root.addHandler(stderr_handler)
+    if not logging_disabled():
+        stderr_handler = logging.StreamHandler(sys.stderr)
+        stderr_handler.setLevel(logging.WARNING)
+        stderr_handler.setFormatter(
+            RedactingFormatter(f"channel {channel_id}: %(levelname)s %(name)s: %(message)s", redact)
+        )
+        root.addHandler(stderr_handler)
     # One line per webhook POST would drown what the transport did.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return redact
+
+
+def redact_strings(value: Any, redact: Callable[[str], str]) -> Any:
+    """`value` with `redact` applied to every string in it (dicts, lists, tuples).
+
+    Exceptions (e.g. Sentry's log-message arguments, rendered later with repr) become their
+    redacted repr.
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, BaseException):
+        return redact(repr(value))
+    if isinstance(value, dict):
+        return {key: redact_strings(item, redact) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_strings(item, redact) for item in value]
+    return value

@@ -1,4 +1,7 @@
-"""CLI of the channel process: `run --channel-id CID` and `describe`; exceptions -> exit codes."""
+"""CLI of the channel process: `run --channel-id CID` and `describe`; exceptions -> exit codes.
+
+Also the process-wide observability: the channel log, Sentry (redacted like the log).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import trio
 from pydantic import ValidationError
 
 from channel_proc.lifecycle import Shutdown
-from channel_proc.logs import configure_logging
+from channel_proc.logs import Redactor, configure_logging, redact_strings
 from channel_proc.process import (
     ChannelMissingError,
     load_channel,
@@ -21,15 +24,19 @@ from channel_proc.process import (
 )
 from channel_proc.transports import available_transports, config_schemas
 from channel_proc.transports.errors import ConfigError
+from channel_proc.webhook import WebhookError, WebhookTarget
 from ipc.broker import open_broker
 from ipc.errors import BrokerUnavailableError, StoreUnavailableError
 from ipc.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from ipc.names import Namespace
+from ipc.observability import configure_sentry
 from ipc.settings import Settings
 from ipc.state import open_state
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Iterator, Sequence
+
+    from sentry_sdk.types import Event, Hint
 
 log = logging.getLogger("channel_proc")
 
@@ -69,9 +76,10 @@ async def run_channel(settings: Settings, channel_id: str) -> int:
     except OSError as exc:
         sys.stderr.write(f"channel_proc: cannot open the channel log: {exc}\n")
         return EXIT_CONFIG
+    _start_sentry(settings, channel_id, redact)
     codes: set[int] = set()
     try:
-        await _run(settings, channel_id, redact.add_from)
+        await _run(settings, channel_id, redact)
     except* ConfigError as group:
         log.error("configuration error: %s", "; ".join(map(str, group.exceptions)))
         codes.add(EXIT_CONFIG)
@@ -79,7 +87,9 @@ async def run_channel(settings: Settings, channel_id: str) -> int:
         log.error("state store or broker unavailable: %s", "; ".join(map(str, group.exceptions)))
         codes.add(EXIT_UNAVAILABLE)
     except* Exception as group:
-        log.error("crashed", exc_info=group)
+        # One entry per error, so that each shows its own class and traceback in the logs.
+        for error in leaf_exceptions(group):
+            log.error("crashed: %s: %s", type(error).__name__, error, exc_info=error)
         codes.add(EXIT_SOFTWARE)
     for code in (EXIT_SOFTWARE, EXIT_CONFIG, EXIT_UNAVAILABLE):
         if code in codes:
@@ -87,7 +97,39 @@ async def run_channel(settings: Settings, channel_id: str) -> int:
     return EXIT_OK
 
 
-async def _run(settings: Settings, channel_id: str, add_secrets: Callable[[object], None]) -> None:
+def leaf_exceptions(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups, depth first."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaf_exceptions(inner)
+    else:
+        yield exc
+
+
+def _start_sentry(settings: Settings, channel_id: str, redact: Redactor) -> None:
+    """Report errors to Sentry when `sentry_dsn` is set, redacted like the channel log."""
+    if not configure_sentry(settings, role="channel", channel_id=channel_id):
+        return
+    import sentry_sdk
+
+    def scrub(event: Event, hint: Hint) -> Event:
+        scrubbed: Event = redact_strings(event, redact)
+        return scrubbed
+
+    sentry_sdk.get_global_scope().add_event_processor(scrub)
+
+
+def url_secrets(url: object) -> list[str]:
+    """The password in a URL's userinfo (sent as Basic auth, never to be logged)."""
+    if not isinstance(url, str) or not url:
+        return []
+    try:
+        return WebhookTarget.parse(url).secrets
+    except WebhookError:
+        return []
+
+
+async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
     namespace = Namespace(settings.namespace)
     async with open_state(settings, namespace) as store:
         await store.ping()
@@ -101,7 +143,9 @@ async def _run(settings: Settings, channel_id: str, add_secrets: Callable[[objec
             except ConfigError as exc:
                 await record_config_error(store, channel_id, str(exc))
                 raise
-            add_secrets(spec.raw_properties)
+            redact.add_from(spec.raw_properties)
+            for key in ("mo_url", "status_url"):
+                redact.add(url_secrets(spec.raw_properties.get(key)))
             await run_channel_process(
                 spec,
                 settings=settings,

@@ -11,7 +11,7 @@ from channel_proc.transports.errors import SendError
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import decode_vumi_message, encode_payload
 from ipc.errors import ProtocolError
-from ipc.payloads import EventType, VumiEvent
+from ipc.payloads import EventType, VumiEvent, vumi_timestamp
 
 if TYPE_CHECKING:
     import trio
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Messages are sent one at a time (in queue order); the prefetch only hides broker latency.
 OUTBOUND_PREFETCH: Final = 8
+#: What `_send` returns for a message the transport accepted without an ack (disable_ack).
+SILENT: Final = VumiEvent(event_type=EventType.ACK, user_message_id=None)
 
 
 class OutboundActor:
@@ -76,7 +78,8 @@ class OutboundActor:
         event = await self._send(msg)
         if event is None:
             return
-        await self._broker.publish(self._event_queue, encode_payload(event))
+        if event is not SILENT:
+            await self._broker.publish(self._event_queue, encode_payload(event))
         await consumer.ack(delivery)
 
     async def _send(self, msg: VumiMessage) -> VumiEvent | None:
@@ -106,8 +109,11 @@ class OutboundActor:
                 if not await self._shutdown.sleep(delay):
                     return None
             else:
+                if not receipt.publish_ack:
+                    return SILENT
                 return VumiEvent(
                     event_type=EventType.ACK,
+                    timestamp=receipt.accepted_at or vumi_timestamp(),
                     user_message_id=msg.message_id,
                     sent_message_id=receipt.provider_message_id or msg.message_id,
                     transport_name=self._channel_id,

@@ -182,7 +182,10 @@ async def run_channel_process(
             )
         )
         await _clear_config_error(store, cid, reporter)
-        transport = spec.transport_class(spec.config, QueueLink(broker, namespace, cid, reporter))
+        link = QueueLink(
+            broker, namespace, cid, reporter, store=store, note_ttl=settings.outbound_message_ttl
+        )
+        transport = spec.transport_class(spec.config, link)
         outbound = OutboundActor(
             broker=broker,
             namespace=namespace,

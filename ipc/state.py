@@ -105,6 +105,7 @@ class StateStore(abc.ABC):
 
     # --- small keyed records (transport notes, routers, ...) ---------------------------
 
+    @abc.abstractmethod
     async def kv_put(
         self, scope: str, key: str, value: JsonObject, ttl: float | None = None
     ) -> None:
@@ -112,23 +113,22 @@ class StateStore(abc.ABC):
 
         Scopes that start with "{channel_id}:" are removed by delete_channel.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def kv_get(self, scope: str, key: str) -> JsonObject | None:
         """The value, or None when missing or expired (reads do not refresh the TTL)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def kv_delete(self, scope: str, key: str) -> bool:
         """Remove one entry; False when it did not exist."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def kv_items(self, scope: str) -> dict[str, JsonObject]:
         """Every live entry of a scope, by key (sorted)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def kv_clear(self, scope: str) -> None:
         """Remove every entry of a scope."""
-        raise NotImplementedError
 
     # --- lifecycle --------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import redis  # this module is the single Redis importer
@@ -33,6 +34,19 @@ SOCKET_TIMEOUT: Final = 5.0
 SCAN_BATCH: Final = 500
 
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
+#: Expired keyed records removed per kv_put (amortises the sweep over the writes).
+KV_SWEEP_BATCH: Final = 200
+
+# KEYS: values hash, expiry zset. ARGV: now_ms, key, value, expires_at_ms|+inf, sweep batch.
+_KV_PUT_LUA: Final = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[5])
+if #expired > 0 then
+  redis.call('HDEL', KEYS[1], unpack(expired))
+  redis.call('ZREM', KEYS[2], unpack(expired))
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
+"""
 
 
 def _dump(obj: JsonObject) -> str:
@@ -42,6 +56,10 @@ def _dump(obj: JsonObject) -> str:
 def _ms(ttl: float) -> int:
     # PEXPIRE rather than EXPIRE so sub-second TTLs work; 0 would delete the key at once.
     return max(1, math.ceil(ttl * 1000))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _glob_escape(text: str) -> str:
@@ -57,6 +75,7 @@ class RedisStateStore(StateStore):
     `{id}:{label}:{bucket}` counters. Event order lives in a companion list
     `{cid}:outbound_messages:{mid}:event_order` of event ids with the hash's TTL; events
     found in the hash but not in the list (written by the original) follow, by timestamp.
+    Keyed records (kv_*) live in `{scope}:kv` (hash) with expiry times in `{scope}:kv_expiry`.
     """
 
     def __init__(self, settings: RedisSettings, namespace: Namespace) -> None:
@@ -75,6 +94,7 @@ class RedisStateStore(StateStore):
             max_connections=MAX_THREADS * 2,
         )
         self._client = redis.Redis(connection_pool=self._pool)
+        self._kv_put_script = self._client.register_script(_KV_PUT_LUA)
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         self._namespace = namespace
         self._prefix = f"{settings.key_prefix}:" if settings.key_prefix else ""
@@ -244,6 +264,66 @@ class RedisStateStore(StateStore):
         keys = [self._key(owner_id, label, str(bucket)) for label in labels]
         (values,) = await self._execute(("MGET", *keys), atomic=False)
         return {label: int(value or 0) for label, value in zip(labels, values, strict=True)}
+
+    # --- small keyed records -----------------------------------------------------------
+
+    def _kv_keys(self, scope: str) -> tuple[str, str]:
+        # A hash of values and a sorted set of expiry times (ms; "+inf" = no TTL) per scope;
+        # Redis 7.0 has no per-field TTL, so expired fields are dropped by kv_put and ignored
+        # by readers.
+        return self._key(scope, "kv"), self._key(scope, "kv_expiry")
+
+    async def kv_put(
+        self, scope: str, key: str, value: JsonObject, ttl: float | None = None
+    ) -> None:
+        values, expiry = self._kv_keys(scope)
+        now = _now_ms()
+        expires = "+inf" if ttl is None else str(now + _ms(ttl))
+
+        def run(client: redis.Redis) -> None:
+            self._kv_put_script(
+                keys=[values, expiry],
+                args=[now, key, _dump(value), expires, KV_SWEEP_BATCH],
+                client=client,
+            )
+
+        await self._call(run)
+
+    async def kv_get(self, scope: str, key: str) -> JsonObject | None:
+        values, expiry = self._kv_keys(scope)
+        raw, score = await self._execute(
+            ("HGET", values, key), ("ZSCORE", expiry, key), atomic=False
+        )
+        if raw is None or score is None or float(score) <= _now_ms():
+            return None
+        result: JsonObject = json.loads(raw)
+        return result
+
+    async def kv_delete(self, scope: str, key: str) -> bool:
+        values, expiry = self._kv_keys(scope)
+        score, removed, _ = await self._execute(
+            ("ZSCORE", expiry, key), ("HDEL", values, key), ("ZREM", expiry, key)
+        )
+        return bool(removed) and score is not None and float(score) > _now_ms()
+
+    async def kv_items(self, scope: str) -> dict[str, JsonObject]:
+        values, expiry = self._kv_keys(scope)
+        now = _now_ms()
+
+        def run(client: redis.Redis) -> dict[str, JsonObject]:
+            live = [str(key) for key in client.zrangebyscore(expiry, f"({now}", "+inf")]
+            found: dict[str, JsonObject] = {}
+            for start in range(0, len(live), SCAN_BATCH):
+                batch = live[start : start + SCAN_BATCH]
+                for key, raw in zip(batch, client.hmget(values, batch), strict=True):
+                    if raw is not None:
+                        found[key] = json.loads(raw)
+            return dict(sorted(found.items()))
+
+        return await self._call(run)
+
+    async def kv_clear(self, scope: str) -> None:
+        await self._execute(("DEL", *self._kv_keys(scope)))
 
     # --- lifecycle and maintenance ----------------------------------------------------
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: Seconds a write waits for another process's write lock before StoreUnavailableError.
 BUSY_TIMEOUT: Final = 5.0
 #: Expired rows are deleted at most this often (seconds) per store, after a write.
@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS rates (
     PRIMARY KEY (ns, owner_id, label, bucket)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rates_expiry ON rates (expires_at);
+CREATE TABLE IF NOT EXISTS kv (
+    ns TEXT NOT NULL, scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (ns, scope, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at);
 """
 
 
@@ -175,7 +181,7 @@ class SqliteStateStore(StateStore):
         try:
             removed = sum(
                 conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,)).rowcount
-                for table in ("inbound", "outbound", "rates")
+                for table in ("inbound", "outbound", "rates", "kv")
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -235,6 +241,11 @@ class SqliteStateStore(StateStore):
             for table in ("statuses", "inbound", "outbound"):
                 conn.execute(f"DELETE FROM {table} WHERE ns=? AND channel_id=?", key)
             conn.execute("DELETE FROM rates WHERE ns=? AND owner_id=?", key)
+            # Scopes "{channel_id}:..." as a range: ";" is the character after ":".
+            conn.execute(
+                "DELETE FROM kv WHERE ns=? AND scope>=? AND scope<?",
+                (self._ns, f"{channel_id}:", f"{channel_id};"),
+            )
             return existed > 0
 
         return await self._call(run, write=True)
@@ -376,6 +387,59 @@ class SqliteStateStore(StateStore):
         )
         found = dict(rows)
         return {label: int(found.get(label, 0)) for label in labels}
+
+    # --- small keyed records -----------------------------------------------------------
+
+    async def kv_put(
+        self, scope: str, key: str, value: JsonObject, ttl: float | None = None
+    ) -> None:
+        expires = None if ttl is None else time.time() + ttl
+        row = (self._ns, scope, key, _dump(value), expires)
+        await self._call(
+            lambda conn: conn.execute(
+                "INSERT INTO kv VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                " SET value=excluded.value, expires_at=excluded.expires_at",
+                row,
+            ),
+            write=True,
+        )
+
+    async def kv_get(self, scope: str, key: str) -> JsonObject | None:
+        row = await self._call(
+            lambda conn: conn.execute(
+                "SELECT value FROM kv WHERE ns=? AND scope=? AND key=?"
+                " AND (expires_at IS NULL OR expires_at>?)",
+                (self._ns, scope, key, time.time()),
+            ).fetchone()
+        )
+        return None if row is None else _load(row[0])
+
+    async def kv_delete(self, scope: str, key: str) -> bool:
+        now = time.time()
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "DELETE FROM kv WHERE ns=? AND scope=? AND key=? RETURNING expires_at",
+                (self._ns, scope, key),
+            ).fetchall(),
+            write=True,
+        )
+        return any(expires is None or expires > now for (expires,) in rows)
+
+    async def kv_items(self, scope: str) -> dict[str, JsonObject]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT key, value FROM kv WHERE ns=? AND scope=?"
+                " AND (expires_at IS NULL OR expires_at>?) ORDER BY key",
+                (self._ns, scope, time.time()),
+            ).fetchall()
+        )
+        return {key: _load(value) for key, value in rows}
+
+    async def kv_clear(self, scope: str) -> None:
+        await self._call(
+            lambda conn: conn.execute("DELETE FROM kv WHERE ns=? AND scope=?", (self._ns, scope)),
+            write=True,
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 

@@ -42,11 +42,15 @@ class ChildExit:
     timed_out: bool = False
     #: Why it could not be started at all (the command could not be executed).
     error: str | None = None
+    #: Why it exited, as the child itself reported it (its stored configuration error).
+    detail: str | None = None
 
     @property
     def reason(self) -> str:
         if self.error is not None:
             return self.error
+        if self.detail is not None:
+            return self.detail
         if self.timed_out:
             return "did not become ready in time"
         if not self.ready:

@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 #: Accepted for compatibility, but the feature is planned for a later issue.
 NOT_IMPLEMENTED = {
-    "sentry_dsn": "issue #3: Sentry error reporting",
-    "plugins": "issue #3: plugins (nginx)",
     "routers": "issue #5: routers and destinations",
     "replace_routers": "issue #5: routers and destinations",
 }
@@ -104,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-i", "--interface", help="interface to expose the API on (default localhost)")
     add("-p", "--port", type=int, help="port to expose the API on (default 8080; 0 = any)")
     add("-l", "--log-file", dest="logfile", help="also log to this file (rotated)")
-    add("-sd", "--sentry-dsn", dest="sentry_dsn", help="Sentry DSN (not implemented yet)")
+    add("-sd", "--sentry-dsn", dest="sentry_dsn", help="report errors to this Sentry DSN")
     add("-redish", "--redis-host", dest="redis_host", help="Redis host; selects Redis")
     add("-redisp", "--redis-port", dest="redis_port", type=int, help="Redis port (6379)")
     add("-redisdb", "--redis-db", dest="redis_db", type=int, help="Redis database (0)")
@@ -181,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_plugin,
         action="append",
         metavar="JSON",
-        help="add a plugin, a JSON object with a 'type' (not implemented yet)",
+        help="add a plugin, a JSON object with a 'type' (repeatable)",
     )
     add("-mw", "--metric-window", dest="metric_window", type=float, help="rate bucket seconds")
     add("-lp", "--logging-path", dest="logging_path", help="directory for channel logs")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import os
 import sys
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from ipc import exit_codes
+from ipc.observability import configure_sentry, logging_disabled
 from supervisor.config import ConfigError, load_config
 from supervisor.run import run_supervisor
 
@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"jb: error: {exc}\n")
         return exit_codes.EXIT_CONFIG
+    if configure_sentry(loaded.settings, role="supervisor"):
+        log.info("errors are reported to Sentry")
     for warning in loaded.warnings:
         log.warning("%s", warning)
     for line in describe_backend(loaded.settings):
@@ -54,7 +56,7 @@ def configure_logging(settings: Settings) -> None:
     """INFO to stdout (unless JUNEBUG_DISABLE_LOGGING is set) and to --log-file, rotated."""
     formatter = logging.Formatter(LOG_FORMAT)
     handlers: list[logging.Handler] = []
-    if not os.environ.get("JUNEBUG_DISABLE_LOGGING"):
+    if not logging_disabled():
         handlers.append(logging.StreamHandler(sys.stdout))
     if settings.logfile:
         try:

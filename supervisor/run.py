@@ -1,5 +1,6 @@
-"""run_supervisor: boot (run dir, catalog, store, control socket, API socket, children),
-serve until asked to stop, then stop API workers and channels in order.
+"""run_supervisor: boot (run dir, catalog, plugins, store, control socket, API socket,
+plugins started, children), serve until asked to stop, then stop API workers, channels
+and plugins in order.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ipc.settings import SETTINGS_ENV
 from ipc.state import open_state
 from supervisor.child import HelloBoard
 from supervisor.control import ControlHandler
+from supervisor.plugins.base import PluginConfigError
+from supervisor.plugins.host import PluginHost, PluginLoadError, load_plugins
 from supervisor.signals import watch_signals
 from supervisor.spec import Commands, RestartPolicy, api_spec, channel_spec
 from supervisor.tree import ChildTree, ShuttingDownError
@@ -151,7 +154,7 @@ async def load_catalog(argv: Sequence[str], env: dict[str, str]) -> dict[str, di
         raise BootError(
             exit_codes.EXIT_SOFTWARE, f"channel type catalog took over {CATALOG_TIMEOUT} s"
         ) from exc
-    stderr = " ".join(result.stderr.decode(errors="replace").split())
+    stderr = _last_line(result.stderr)
     if result.returncode == exit_codes.EXIT_CONFIG:
         raise BootError(exit_codes.EXIT_CONFIG, f"channel types: {stderr}")
     if result.returncode != 0:
@@ -166,6 +169,12 @@ async def load_catalog(argv: Sequence[str], env: dict[str, str]) -> dict[str, di
     if not isinstance(catalog, dict) or not all(isinstance(v, dict) for v in catalog.values()):
         raise BootError(exit_codes.EXIT_SOFTWARE, "channel type catalog is not {type: schema}")
     return catalog
+
+
+def _last_line(output: bytes) -> str:
+    """The last non-empty line: the one-line error, or a traceback's exception line."""
+    lines = [line.strip() for line in output.decode(errors="replace").splitlines()]
+    return next((line for line in reversed(lines) if line), "no error output")
 
 
 async def bind_api_socket(interface: str, port: int) -> socket.socket:
@@ -218,6 +227,10 @@ class _Boot:
     async def run(self, task_status: trio.TaskStatus[Running]) -> int:
         catalog = await load_catalog(self.commands.describe, self.env)
         log.info("channel types: %s", ", ".join(sorted(catalog)) or "none")
+        try:
+            plugins = load_plugins(self.settings.plugins)
+        except PluginLoadError as exc:
+            raise BootError(exit_codes.EXIT_CONFIG, str(exc)) from exc
         async with AsyncExitStack() as stack:
             try:
                 store = await stack.enter_async_context(
@@ -228,7 +241,7 @@ class _Boot:
             sock = stack.enter_context(
                 await bind_api_socket(self.settings.interface, self.settings.port)
             )
-            await self._serve(store, catalog, sock, task_status)
+            await self._serve(store, catalog, PluginHost(plugins, store), sock, task_status)
         log.info("stopped")
         return self.code
 
@@ -236,6 +249,7 @@ class _Boot:
         self,
         store: StateStore,
         catalog: dict[str, dict[str, Any]],
+        plugins: PluginHost,
         sock: socket.socket,
         task_status: trio.TaskStatus[Running],
     ) -> None:
@@ -250,6 +264,7 @@ class _Boot:
                     policy=self.policy,
                     store=store,
                     kill_now=self.kill_now,
+                    listener=plugins,
                 )
                 handler = ControlHandler(
                     tree=tree,
@@ -271,16 +286,28 @@ class _Boot:
                 with trio.CancelScope() as boot_scope:
                     # A SIGTERM during boot must not wait for every channel to be started.
                     children.start_soon(self._cancel_on_shutdown, boot_scope)
-                    await self._boot_children(tree, store, sock, task_status)
+                    if await self._start_plugins(plugins):
+                        await self._boot_children(tree, store, sock, task_status)
                     await self.shutdown.wait()
                 log.info("stopping API workers, then channels")
                 await tree.stop_all(Role.API)
                 await tree.stop_all()
+            await plugins.stop()
             services.cancel_scope.cancel()
 
     async def _cancel_on_shutdown(self, scope: trio.CancelScope) -> None:
         await self.shutdown.wait()
         scope.cancel()
+
+    async def _start_plugins(self, plugins: PluginHost) -> bool:
+        """start_plugin on each plugin; False (and shutting down, exit 78) if one refused."""
+        try:
+            await plugins.start(self.settings)
+        except PluginConfigError as exc:
+            log.error("%s", exc)
+            self._fail(exit_codes.EXIT_CONFIG)
+            return False
+        return True
 
     async def _boot_children(
         self,
@@ -300,7 +327,9 @@ class _Boot:
             cids = await store.list_channels()
             for cid in cids:
                 spec = channel_spec(self.commands, self.settings, self.policy, cid)
-                exit = await tree.start(spec)
+                # The API serves while channels are restored: one it has just created or
+                # restarted is already in the tree and must not be started twice.
+                exit = await tree.start(spec, replace=False)
                 if exit is not None:
                     log.error("channel %s did not start: %s", cid, exit.reason)
         except ShuttingDownError:

@@ -2,15 +2,18 @@
 
 Each child's loop restarts it after abnormal exits within its RestartBudget, waiting a
 capped, jittered delay; exit 78 marks it failed at once; an exhausted budget marks it
-failed and retries it slowly. Channel children's state is written to the state store.
+failed and retries it slowly. Channel children's state is written to the state store, and
+a ChildListener (the plugins) hears when each started child is first ready and when it
+is stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -32,6 +35,22 @@ log = logging.getLogger(__name__)
 
 #: The state-store component the supervisor reports a channel's process under.
 COMPONENT: Final = "process"
+#: The component a channel process reports its own configuration errors under.
+CHANNEL_COMPONENT: Final = "channel"
+
+
+class ChildListener(Protocol):
+    """Told about each child started with `ChildTree.start`, whatever its role."""
+
+    async def child_ready(self, spec: ChildSpec) -> None:
+        """It is ready for the first time since `start` (ready again after a crash is not
+        reported). Runs before `start` returns, so the caller's reply waits for it."""
+
+    async def child_stopped(self, spec: ChildSpec) -> None:
+        """A child reported ready has stopped for good (stopped, replaced, or exited 0).
+
+        Not called while the whole tree stops. Runs shielded: it must bound itself.
+        """
 
 
 class ShuttingDownError(Exception):
@@ -52,6 +71,8 @@ class _Child:
     #: updated; `first_exit` None means ready.
     first_done: trio.Event = field(default_factory=trio.Event)
     first_exit: ChildExit | None = None
+    #: The listener was told it is ready (so it must be told it stopped).
+    announced: bool = False
 
     def first_result(self, exit: ChildExit | None) -> None:
         if not self.first_done.is_set():
@@ -80,6 +101,7 @@ class ChildTree:
         policy: RestartPolicy,
         store: StateStore | None,
         kill_now: trio.Event,
+        listener: ChildListener | None = None,
     ) -> None:
         self._nursery = nursery
         self._env = env
@@ -87,6 +109,7 @@ class ChildTree:
         self._policy = policy
         self._store = store
         self._kill_now = kill_now
+        self._listener = listener
         self._children: dict[str, _Child] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._closing = False
@@ -94,22 +117,32 @@ class ChildTree:
     def _lock(self, child_id: str) -> trio.Lock:
         return self._locks.setdefault(child_id, trio.Lock())
 
-    async def start(self, spec: ChildSpec) -> ChildExit | None:
+    async def start(self, spec: ChildSpec, *, replace: bool = True) -> ChildExit | None:
         """Start `spec` (stopping a child with the same id first) and wait for its first attempt.
 
-        Returns None once it is ready, else how the first attempt ended (its loop goes on
-        restarting it by policy). Raises ShuttingDownError while the tree is stopping.
+        With replace=False a child with the same id is left alone and its first attempt is
+        waited for instead. Returns None once it is ready, else how the first attempt ended
+        (its loop goes on restarting it by policy). Raises ShuttingDownError while the tree
+        is stopping.
         """
         async with self._lock(spec.id):
             if self._closing:
                 raise ShuttingDownError("the supervisor is shutting down")
-            await self._stop_locked(spec.id)
-            budget = RestartBudget(self._policy.intensity, self._policy.period, trio.current_time)
-            child = _Child(spec=spec, budget=budget)
-            self._children[spec.id] = child
-            self._nursery.start_soon(self._supervise, child)
+            existing = self._children.get(spec.id)
+            if existing is not None and not replace:
+                child = existing
+            else:
+                await self._stop_locked(spec.id)
+                child = self._new_child(spec)
         await child.first_done.wait()
         return child.first_exit
+
+    def _new_child(self, spec: ChildSpec) -> _Child:
+        budget = RestartBudget(self._policy.intensity, self._policy.period, trio.current_time)
+        child = _Child(spec=spec, budget=budget)
+        self._children[spec.id] = child
+        self._nursery.start_soon(self._supervise, child)
+        return child
 
     async def stop(self, child_id: str) -> bool:
         """Stop the child and forget it. False if there was none."""
@@ -145,6 +178,9 @@ class ChildTree:
                 child.state = ChildState.STOPPED
             child.pid = None
             child.first_result(child.first_exit or ChildExit(0, ready=False))
+            if child.announced and not self._closing and self._listener is not None:
+                with trio.CancelScope(shield=True):
+                    await self._listener.child_stopped(child.spec)
             child.finished.set()
 
     async def _restart_loop(self, child: _Child) -> None:
@@ -153,6 +189,8 @@ class ChildTree:
             child.state = ChildState.STARTING
             exit = await self._attempt(child)
             child.pid = None
+            if exit.code == exit_codes.EXIT_CONFIG:
+                exit = await self._with_reported_reason(child, exit)
             child.reason = exit.reason
             clean = exit.code == exit_codes.EXIT_OK and not exit.timed_out
             # Each branch writes the status before changing the state, so whoever sees the
@@ -224,8 +262,28 @@ class ChildTree:
             child.reason = None
             await self._report_running(child)
             child.state = ChildState.RUNNING
+            if not child.announced and self._listener is not None:
+                child.announced = True
+                await self._listener.child_ready(child.spec)
             child.first_result(None)
             return await handle.wait()
+
+    async def _with_reported_reason(self, child: _Child, exit: ChildExit) -> ChildExit:
+        """`exit` with the configuration error the channel process stored, when it did."""
+        cid = child.spec.channel_id
+        if self._store is None or child.spec.role is not Role.CHANNEL or cid is None:
+            return exit
+        try:
+            status = (await self._store.get_statuses(cid)).get(CHANNEL_COMPONENT)
+        except StoreUnavailableError as exc:
+            log.warning("could not read %s status: %s", cid, exc, extra=_extra(child.spec))
+            return exit
+        if status is None or status.get("type") != "config_error":
+            return exit
+        message = status.get("message")
+        if not isinstance(message, str) or not message:
+            return exit
+        return dataclasses.replace(exit, detail=message)
 
     async def _report_running(self, child: _Child) -> None:
         await self._write(

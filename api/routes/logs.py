@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import trio
@@ -17,17 +18,23 @@ if TYPE_CHECKING:
 
 blueprint = Blueprint("logs", __name__)
 
+#: ASCII digits only: int() would also take "+5", " 5 " and non-ASCII digits.
+_INTEGER = re.compile("-?[0-9]+")
+_MAX_DIGITS = 18
+
 
 def _requested_count(max_logs: int) -> int:
     """`n` clamped to 0..max_logs (fixes Q13); max_logs when absent; 400 when not an integer."""
     values = request.args.getlist("n")
     if not values:
         return max_logs
-    try:
-        n = int(values[0])
-    except ValueError:
-        raise ApiUsageError(f"n must be an integer, got {values[0]!r}") from None
-    return max(0, min(n, max_logs))
+    value = values[0]
+    if not _INTEGER.fullmatch(value):
+        raise ApiUsageError(f"n must be an integer, got {value!r}")
+    if len(value) > _MAX_DIGITS:
+        # Beyond any max_logs either way, and past what int() converts from text.
+        return 0 if value.startswith("-") else max_logs
+    return max(0, min(int(value), max_logs))
 
 
 @blueprint.get("/channels/<channel_id>/logs")

@@ -8,8 +8,12 @@ from typing import TYPE_CHECKING, Any, Final
 from pydantic import BaseModel
 
 from channel_proc.transports.base import Transport
+from channel_proc.transports.dmark import DmarkTransport
 from channel_proc.transports.errors import ConfigError
+from channel_proc.transports.smpp import SmppTransport
 from channel_proc.transports.telnet import TelnetTransport
+from channel_proc.transports.websocket import WebsocketTransport
+from channel_proc.transports.xmpp import XmppTransport
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -19,6 +23,10 @@ if TYPE_CHECKING:
 #: Built-in channel types. Adding a type is one line here (and one module, one test file).
 TRANSPORTS: Final[Mapping[str, type[Transport[Any]]]] = {
     "telnet": TelnetTransport,
+    "xmpp": XmppTransport,
+    "dmark": DmarkTransport,
+    "websocket": WebsocketTransport,
+    "smpp": SmppTransport,
 }
 
 

@@ -35,10 +35,15 @@ class SendReceipt:
     """What the provider said when it accepted a message.
 
     `provider_message_id` becomes the ack event's `sent_message_id`; None means the
-    provider has no id of its own and the message's id is used.
+    provider has no id of its own and the message's id is used. `publish_ack` False
+    means the channel is configured not to announce acceptance (vumi's disable_ack).
+    `accepted_at` (vumi timestamp format) is when the provider accepted it, so that the
+    ack sorts before delivery reports that arrived while `send` was finishing.
     """
 
     provider_message_id: str | None = None
+    publish_ack: bool = True
+    accepted_at: str | None = None
 
 
 class TransportLink(Protocol):
@@ -66,6 +71,31 @@ class TransportLink(Protocol):
         details: Mapping[str, object] | None = None,
     ) -> None:
         """Report the state of one component (e.g. "telnet": ok/"listening"). Never blocks."""
+        ...
+
+    # A small durable keyed store for what a transport must remember across restarts
+    # (provider id maps, parts of inbound messages). Keys are "group:name"; each group is
+    # stored apart, so `notes("group:")` reads one group only. Values are JSON objects.
+    # Every note method raises StoreUnavailableError when the store cannot be reached.
+
+    async def note_put(
+        self, key: str, value: Mapping[str, object], ttl: float | None = None
+    ) -> None:
+        """Store `value` under `key` for `ttl` seconds (None: the channel's record lifetime,
+        the gateway's outbound_message_ttl)."""
+        ...
+
+    async def note_get(self, key: str) -> dict[str, object] | None:
+        """The value under `key`, or None when missing or expired."""
+        ...
+
+    async def note_delete(self, key: str) -> bool:
+        """Remove one note; False when there was none."""
+        ...
+
+    async def notes(self, prefix: str) -> dict[str, dict[str, object]]:
+        """Every live note whose key starts with `prefix` (which must name its group,
+        "group:..."), by key."""
         ...
 
 

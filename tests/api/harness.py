@@ -1,5 +1,6 @@
-"""API test harness: the real app (test client), real store and broker, and a real IPC server
-standing in for the supervisor, whose handler is test code recording what it was asked.
+"""API test harness: the real app (test client, or Hypercorn on a loopback port), real store and
+broker, and a real IPC server standing in for the supervisor, whose handler is test code
+recording what it was asked.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, assert_never
 
 import trio
+from hypercorn.trio import serve
 
 from api.app import create_app
 from api.deps import EXTENSION_KEY, ApiContext
+from api.main import hypercorn_config
 from api.supervisor_link import SupervisorLink
 from ipc.errors import RemoteError
 from ipc.messages import (
@@ -190,4 +193,49 @@ async def open_api(
             finally:
                 if cleanup:
                     await _cleanup(api)
+        nursery.cancel_scope.cancel()
+
+
+@dataclass(eq=False)
+class LiveApi:
+    """The app served by Hypercorn over TCP, configured as `python -m api` configures it."""
+
+    base_url: str
+    context: ApiContext
+    supervisor: FakeSupervisor
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
+    @property
+    def store(self) -> StateStore:
+        assert self.context.store is not None
+        return self.context.store
+
+
+@asynccontextmanager
+async def serve_api(
+    settings: Settings, socket_dir: Path, **app_options: Any
+) -> AsyncIterator[LiveApi]:
+    """Serve the app on 127.0.0.1:<free port>; `app_options` go to create_app."""
+    fake = FakeSupervisor()
+    path = socket_dir / "sup.sock"
+    link = SupervisorLink(path)
+    app = create_app(settings, supervisor=link, **app_options)
+    config = hypercorn_config("127.0.0.1:0", settings)
+    config.accesslog = None
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve_ipc, path, fake, role=Role.SUPERVISOR))
+        await nursery.start(link.run)
+        # Its own nursery, so that leaving waits for Hypercorn's graceful shutdown.
+        async with trio.open_nursery() as web:
+            binds = await web.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+            try:
+                yield LiveApi(
+                    base_url=binds[0], context=app.extensions[EXTENSION_KEY], supervisor=fake
+                )
+            finally:
+                stop.set()
         nursery.cancel_scope.cancel()

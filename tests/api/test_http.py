@@ -194,15 +194,38 @@ async def test_schema_is_checked_before_the_channel_lookup(http_api: Api) -> Non
             ],
         ),
         (
-            {"to": "+27", "content": 5, "priority": "high"},
+            {"to": "+27", "content": 5, "priority": "h"},
             [
-                ("'high' does not match '^[1-5]$'", ["properties", "priority", "pattern"]),
+                ("'h' does not match '^[1-5]$'", ["properties", "priority", "pattern"]),
                 ("5 is not of type 'string', 'null'", ["properties", "content", "type"]),
             ],
         ),
         (
             {"to": "+27", "content": "x", "priority": True},
             [("True is not of type 'integer', 'string'", ["properties", "priority", "type"])],
+        ),
+        # Python's `$` matches before a final newline: the length check catches it.
+        (
+            {"to": "+27", "content": "x", "priority": "3\n"},
+            [("'3\\n' is too long", ["properties", "priority", "maxLength"])],
+        ),
+        (
+            {"to": "+27", "content": "x", "channel_data": {"session_event": "bye"}},
+            [
+                (
+                    "'bye' is not one of [None, 'new', 'resume', 'close']",
+                    ["properties", "channel_data", "properties", "session_event", "enum"],
+                )
+            ],
+        ),
+        (
+            {"to": "+27", "content": "x", "channel_data": {"continue_session": "yes"}},
+            [
+                (
+                    "'yes' is not of type 'boolean', 'null'",
+                    ["properties", "channel_data", "properties", "continue_session", "type"],
+                )
+            ],
         ),
     ],
 )

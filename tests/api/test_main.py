@@ -8,17 +8,20 @@ import socket
 import subprocess
 import sys
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import httpx
 import pytest
 import trio
 
-from ipc.exit_codes import EXIT_OK, EXIT_UNAVAILABLE
+from ipc.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE
 from ipc.messages import Role
-from ipc.names import supervisor_socket
+from ipc.names import Namespace, supervisor_socket
+from ipc.observability import DISABLE_LOGGING_ENV
 from ipc.server import serve_ipc
 from ipc.settings import SETTINGS_ENV, RedisSettings
+from ipc.state import open_state
+from tests.api.fake_sentry import serving_sentry
 from tests.api.harness import FakeSupervisor
 
 if TYPE_CHECKING:
@@ -40,11 +43,20 @@ def _listening_socket() -> socket.socket:
     return sock
 
 
-async def _start_worker(settings: Settings, sock: socket.socket) -> trio.Process:
-    env = {**os.environ, SETTINGS_ENV: settings.to_env()}
+async def _start_worker(
+    settings: Settings,
+    sock: socket.socket,
+    *,
+    extra_env: dict[str, str] | None = None,
+    output: IO[bytes] | None = None,
+) -> trio.Process:
+    env = {key: value for key, value in os.environ.items() if key != DISABLE_LOGGING_ENV}
+    env.update({SETTINGS_ENV: settings.to_env(), **(extra_env or {})})
     return await trio.lowlevel.open_process(
         [sys.executable, "-m", "api", "--fd", str(sock.fileno()), "--worker", "1"],
         stdin=subprocess.PIPE,
+        stdout=output,
+        stderr=output,
         pass_fds=(sock.fileno(),),
         env=env,
     )
@@ -112,6 +124,101 @@ async def test_store_unreachable_at_start_exits_69(
         try:
             with trio.fail_after(START_TIMEOUT):
                 assert await process.wait() == EXIT_UNAVAILABLE
+        finally:
+            process.kill()
+            await process.wait()
+
+
+async def _cause_a_500(settings: Settings, port: int) -> None:
+    """A stored inbound message that is not a vumi message makes a reply fail unexpectedly."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        body = {"type": "fake", "config": {"host": "h"}, "mo_url": "http://example.com/mo"}
+        response = await client.post("/channels/", json=body)
+        assert response.status_code == 201
+        channel_id = response.json()["result"]["id"]
+        async with open_state(settings, Namespace(settings.namespace)) as store:
+            await store.put_inbound(channel_id, "in1", {"message_id": 5}, 60)
+        reply = {"reply_to": "in1", "content": "x"}
+        response = await client.post(f"/channels/{channel_id}/messages/", json=reply)
+    assert response.status_code == 500
+    assert response.json()["description"] == "generic error"
+
+
+async def _stop(process: trio.Process) -> None:
+    assert process.stdin is not None
+    await process.stdin.aclose()
+    with trio.fail_after(15):
+        assert await process.wait() == EXIT_OK
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+async def test_junebug_disable_logging_silences_the_worker(
+    embedded_settings: Settings,
+    socket_dir: Path,
+    supervisor: FakeSupervisor,
+    tmp_path: Path,
+    disabled: bool,
+) -> None:
+    settings = embedded_settings.model_copy(update={"run_dir": socket_dir})
+    extra_env = {DISABLE_LOGGING_ENV: "1"} if disabled else {}
+    output_path = tmp_path / "worker.out"
+    with _listening_socket() as sock, output_path.open("wb") as output:
+        process = await _start_worker(settings, sock, extra_env=extra_env, output=output)
+        try:
+            status = await _wait_ready_and_get_health(supervisor, sock.getsockname()[1])
+            assert status == 200
+            await _cause_a_500(settings, sock.getsockname()[1])
+            await _stop(process)
+        finally:
+            process.kill()
+            await process.wait()
+    printed = output_path.read_text()
+    if disabled:
+        assert printed == ""
+    else:
+        assert "serving on" in printed
+        assert "unhandled error in POST" in printed
+
+
+async def test_unhandled_errors_reach_sentry_even_with_logging_disabled(
+    embedded_settings: Settings, socket_dir: Path, supervisor: FakeSupervisor, tmp_path: Path
+) -> None:
+    output_path = tmp_path / "worker.out"
+    async with serving_sentry() as sentry:
+        settings = embedded_settings.model_copy(
+            update={"run_dir": socket_dir, "sentry_dsn": sentry.dsn}
+        )
+        extra_env = {DISABLE_LOGGING_ENV: "1"}
+        with _listening_socket() as sock, output_path.open("wb") as output:
+            process = await _start_worker(settings, sock, extra_env=extra_env, output=output)
+            try:
+                status = await _wait_ready_and_get_health(supervisor, sock.getsockname()[1])
+                assert status == 200
+                await _cause_a_500(settings, sock.getsockname()[1])
+                with trio.fail_after(15):
+                    while not any(b"ValidationError" in e for e in sentry.envelopes):
+                        await sentry.received.wait()
+                        sentry.received = trio.Event()
+                await _stop(process)
+            finally:
+                process.kill()
+                await process.wait()
+    assert output_path.read_text() == ""
+    [event] = [e for e in sentry.envelopes if b"unhandled error in POST" in e]
+    assert b'"junebug.role":"api"' in event.replace(b" ", b"")
+
+
+async def test_a_bad_sentry_dsn_is_a_config_error(
+    embedded_settings: Settings, socket_dir: Path
+) -> None:
+    settings = embedded_settings.model_copy(
+        update={"run_dir": socket_dir, "sentry_dsn": "not a dsn"}
+    )
+    with _listening_socket() as sock:
+        process = await _start_worker(settings, sock)
+        try:
+            with trio.fail_after(START_TIMEOUT):
+                assert await process.wait() == EXIT_CONFIG
         finally:
             process.kill()
             await process.wait()

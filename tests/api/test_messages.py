@@ -157,14 +157,6 @@ async def test_neither_to_nor_reply_to(api: Api, channel_id: str) -> None:
     ]
 
 
-async def test_invalid_session_event_is_400(api: Api, channel_id: str) -> None:
-    status, payload = await _send(
-        api, channel_id, {"to": "+1", "content": "x", "channel_data": {"session_event": "bye"}}
-    )
-    assert status == 400
-    assert payload["result"]["errors"][0]["type"] == "ApiUsageError"
-
-
 async def _store_inbound(api: Api, channel_id: str) -> VumiMessage:
     inbound = VumiMessage(
         to_addr="*120#",

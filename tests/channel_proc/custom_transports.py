@@ -1,4 +1,4 @@
-"""Custom channel types loaded through `settings.channels` by the process tests."""
+"""Custom channel types loaded through `settings.channels` by the process and e2e tests."""
 
 from __future__ import annotations
 
@@ -44,3 +44,17 @@ class MisconfiguredTransport(Transport[EmptyConfig]):
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         raise ProviderRejected("never sends")
+
+
+class ExplodingTransport(Transport[EmptyConfig]):
+    """Runs quietly; sending fails with an unexpected error, so the process crashes (exit 70)."""
+
+    kind: ClassVar[str] = "exploding"
+    config_type = EmptyConfig
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def send(self, msg: VumiMessage) -> SendReceipt:
+        raise ValueError(f"Bad value {msg.content!r} (key {self.config.secret_key})")

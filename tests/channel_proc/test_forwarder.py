@@ -16,7 +16,15 @@ from channel_proc.transports.base import StatusLevel
 from ipc.broker import open_broker
 from ipc.codec import encode_payload
 from ipc.names import amqp_event_key, amqp_inbound_key, amqp_outbound_queue
-from ipc.payloads import EventType, SessionEvent, VumiEvent, VumiMessage, api_event, api_message
+from ipc.payloads import (
+    DeliveryStatus,
+    EventType,
+    SessionEvent,
+    VumiEvent,
+    VumiMessage,
+    api_event,
+    api_message,
+)
 from ipc.state import open_state
 from tests.channel_proc.support import (
     WAIT,
@@ -178,6 +186,157 @@ async def test_forwarder_event_without_record_is_stored_and_acked(
         with trio.fail_after(WAIT):
             await wait_for(stored)
     assert webhook.requests == []
+
+
+EVENT_CASES = [
+    pytest.param(
+        {"event_type": EventType.ACK, "sent_message_id": "provider-1"},
+        "submitted",
+        {},
+        id="submitted",
+    ),
+    pytest.param(
+        {"event_type": EventType.NACK, "nack_reason": "no route to the handset"},
+        "rejected",
+        {"reason": "no route to the handset"},
+        id="rejected",
+    ),
+    pytest.param(
+        {"event_type": EventType.DELIVERY_REPORT, "delivery_status": DeliveryStatus.DELIVERED},
+        "delivery_succeeded",
+        {},
+        id="delivery_succeeded",
+    ),
+    pytest.param(
+        {"event_type": EventType.DELIVERY_REPORT, "delivery_status": DeliveryStatus.FAILED},
+        "delivery_failed",
+        {},
+        id="delivery_failed",
+    ),
+    pytest.param(
+        {"event_type": EventType.DELIVERY_REPORT, "delivery_status": DeliveryStatus.PENDING},
+        "delivery_pending",
+        {},
+        id="delivery_pending",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "event_type", "details"), EVENT_CASES)
+async def test_forwarder_every_event_type_posts_the_documented_body(
+    deps: dict[str, object],
+    store: StateStore,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+    fields: dict[str, object],
+    event_type: str,
+    details: dict[str, object],
+) -> None:
+    """Docs 1.8.2: the POST body, and what message status and rates make of the event."""
+    mid = uuid.uuid4().hex
+    record = {"message_id": mid, "to": "+27821234567", "event_url": webhook.url("/ev")}
+    await store.put_outbound(channel_id, mid, record, 600)
+    event = VumiEvent(user_message_id=mid, transport_name=channel_id, **fields)
+    bucket = int(time.time() / 10.0)
+    await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
+    async with running_forwarder(routes=Routes(), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            (request,) = await webhook.wait_for_requests(1)
+    assert "authorization" not in request.headers
+    assert request.headers["content-type"] == "application/json"
+    assert request.json() == {
+        "event_type": event_type,
+        "message_id": mid,
+        "channel_id": channel_id,
+        "timestamp": event.timestamp,
+        "event_details": details,
+    }
+    stored = await store.get_outbound(channel_id, mid, 600)
+    assert stored is not None
+    assert stored.message == record
+    (kept,) = stored.events
+    assert kept == event.model_dump(mode="json")
+    # What GET /channels/{id}/messages/{mid} renders as the message's events.
+    assert api_event(VumiEvent.model_validate(kept), channel_id) == request.json()
+    assert await rate(store, channel_id, event_type, bucket) == 1
+
+
+async def test_forwarder_event_without_delivery_status_is_stored_not_posted_nor_counted(
+    deps: dict[str, object],
+    store: StateStore,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    mid = uuid.uuid4().hex
+    await store.put_outbound(channel_id, mid, {"event_url": webhook.url("/ev")}, 600)
+    odd = VumiEvent(event_type=EventType.DELIVERY_REPORT, user_message_id=mid)
+    ack = VumiEvent(event_type=EventType.ACK, user_message_id=mid)
+    for event in (odd, ack):
+        await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
+    async with running_forwarder(routes=Routes(), **deps):  # type: ignore[arg-type]
+        with trio.fail_after(WAIT):
+            (request,) = await webhook.wait_for_requests(1)
+        await wait_for_length(broker, namespace.event_queue(channel_id), 0)
+    # Queue order: the unrecognised event was handled (and skipped) before the ack.
+    assert request.json()["event_type"] == "submitted"
+    stored = await store.get_outbound(channel_id, mid, 600)
+    assert stored is not None
+    assert [e["event_id"] for e in stored.events] == [odd.event_id, ack.event_id]
+
+
+@pytest.mark.slow
+async def test_forwarder_event_of_expired_record_goes_to_amqp_but_not_event_url(
+    settings: Settings,
+    store: StateStore,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    amqp_queue = f"jbtest-{uuid.uuid4().hex[:12]}"
+    event_key = amqp_event_key(amqp_queue)
+    if settings.amqp is not None:
+        await broker.declare_queue(event_key)
+    try:
+        mid = uuid.uuid4().hex
+        ttl = 0.2
+        await store.put_outbound(channel_id, mid, {"event_url": webhook.url("/ev")}, ttl)
+        # A TTL is a duration: only time passing makes the record expire (a poll would
+        # refresh it, since reads slide the TTL).
+        await trio.sleep(ttl * 2)
+        expired = VumiEvent(event_type=EventType.ACK, user_message_id=mid)
+        # A live message after it: once its POST arrives, the expired one was handled.
+        live = uuid.uuid4().hex
+        await store.put_outbound(channel_id, live, {"event_url": webhook.url("/live")}, 600)
+        later = VumiEvent(event_type=EventType.ACK, user_message_id=live)
+        for event in (expired, later):
+            await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
+        async with running_forwarder(
+            settings=settings,
+            namespace=namespace,
+            store=store,
+            broker=broker,
+            channel_id=channel_id,
+            routes=Routes(amqp_queue=amqp_queue),
+        ):
+            with trio.fail_after(WAIT):
+                await webhook.wait_for_requests(1, path="/live")
+            if settings.amqp is not None:
+                relayed = await drain_queue(broker, event_key, 2)
+                assert relayed == [encode_payload(expired), encode_payload(later)]
+        assert webhook.on_path("/ev", delivered_only=False) == []
+        # The event is still kept (for GET message status), on a fresh record.
+        stored = await store.get_outbound(channel_id, mid, 600)
+        assert stored is not None
+        assert stored.message is None
+        assert [e["event_id"] for e in stored.events] == [expired.event_id]
+    finally:
+        if settings.amqp is not None:
+            await broker.delete_queue(event_key)
 
 
 @pytest.mark.slow

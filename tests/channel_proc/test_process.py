@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
+from channel_proc.transports import TRANSPORTS
 from ipc.broker import MAX_PRIORITY
 from ipc.client import open_ipc_client
 from ipc.codec import encode_payload
@@ -59,8 +61,8 @@ def proc_settings(settings: Settings, run_dir: Path) -> Settings:
     return settings.model_copy(update={"run_dir": run_dir, "shutdown_grace": 3.0})
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {**os.environ, **extra}
     env["JUNEBUG_SETTINGS"] = settings.to_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
@@ -81,10 +83,12 @@ class Child:
 
 
 @asynccontextmanager
-async def spawn_channel(settings: Settings, channel_id: str) -> AsyncIterator[Child]:
+async def spawn_channel(
+    settings: Settings, channel_id: str, **extra_env: str
+) -> AsyncIterator[Child]:
     process = await trio.lowlevel.open_process(
         argv(channel_id),
-        env=child_env(settings),
+        env=child_env(settings, **extra_env),
         cwd=str(REPO),
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -402,7 +406,7 @@ async def test_describe_prints_config_schemas(tmp_path: Path) -> None:
         capture_stderr=True,
     )
     schemas = json.loads(result.stdout)
-    assert set(schemas) == {"telnet"}
+    assert set(schemas) == set(TRANSPORTS)
     assert "twisted_endpoint" in schemas["telnet"]["properties"]
 
 
@@ -437,8 +441,11 @@ async def test_process_unexpected_exception_exits_70_with_traceback_logged(
         assert await child.wait_exit() == EXIT_SOFTWARE
     log_file = Path(proc_settings.logging_path) / channel_id
     entries = [json.loads(line) for line in log_file.read_text().splitlines()]
-    crash = next(e for e in entries if e["message"] == "crashed")
+    crash = next(e for e in entries if e["message"].startswith("crashed"))
+    assert crash["message"] == "crashed: RuntimeError: provider library exploded (key ***)"
     assert crash["level"] == 40
+    assert crash["exception"]["class"] == "RuntimeError"
+    assert crash["exception"]["instance"] == "RuntimeError('provider library exploded (key ***)')"
     assert any("provider library exploded" in line for line in crash["exception"]["stack"])
     assert b"provider library exploded" in child.stderr
     assert secret not in log_file.read_text()
@@ -460,3 +467,38 @@ async def test_process_config_error_from_transport_run_exits_78_with_status(
         "config_error",
         "the provider says this account does not exist",
     )
+
+
+def sentry_payloads(webhook: FakeWebhook, project: str) -> list[bytes]:
+    """The bodies Sentry posted to the fake webhook, uncompressed."""
+    bodies = []
+    for request in webhook.on_path(f"/api/{project}/envelope/"):
+        encoding = request.headers.get("content-encoding", "")
+        assert encoding in {"", "gzip"}, f"cannot read {encoding} bodies"
+        bodies.append(gzip.decompress(request.body) if encoding == "gzip" else request.body)
+    return bodies
+
+
+@pytest.mark.parametrize("settings", ["embedded"], indirect=True)
+async def test_process_crash_reaches_sentry_redacted_and_disable_logging_quiets_stderr(
+    proc_settings: Settings, store: StateStore, channel_id: str, webhook: FakeWebhook
+) -> None:
+    custom = proc_settings.model_copy(
+        update={
+            "channels": {"crashing": f"{CUSTOM}:CrashingTransport"},
+            "sentry_dsn": f"http://public-key@127.0.0.1:{webhook.port}/42",
+        }
+    )
+    secret = "sentry-secret-Rt5"
+    await store.save_channel(channel_id, {"type": "crashing", "config": {"secret_key": secret}})
+    async with spawn_channel(custom, channel_id, JUNEBUG_DISABLE_LOGGING="1") as child:
+        assert await child.wait_exit() == EXIT_SOFTWARE
+    # Sentry flushes at exit, so its POST has arrived once the process is gone.
+    payload = b"".join(sentry_payloads(webhook, "42"))
+    assert b"provider library exploded (key ***)" in payload
+    assert b"RuntimeError" in payload
+    assert channel_id.encode() in payload
+    assert secret.encode() not in payload
+    assert child.stderr == b""
+    log_file = Path(proc_settings.logging_path) / channel_id
+    assert "crashed: RuntimeError" in log_file.read_text()

@@ -15,7 +15,15 @@ from pydantic import SecretStr
 
 from channel_proc.backoff import Backoff
 from channel_proc.lifecycle import Shutdown
-from channel_proc.logs import JsonLineFormatter, Redactor, configure_logging, secret_values
+from channel_proc.logs import (
+    JsonLineFormatter,
+    Redactor,
+    configure_logging,
+    exception_class_name,
+    redact_strings,
+    secret_values,
+)
+from channel_proc.transports.errors import ConfigError
 from ipc.settings import AmqpSettings, Settings
 
 if TYPE_CHECKING:
@@ -133,7 +141,8 @@ def test_json_line_formatter_exception_is_redacted() -> None:
     except ValueError:
         entry = json.loads(formatter.format(_record("failed with hunter2", sys.exc_info())))
     assert entry["message"] == "failed with ***"
-    assert entry["exception"]["class"] == repr(ValueError)
+    assert entry["exception"]["class"] == "ValueError"
+    assert entry["exception"]["instance"] == "ValueError('password *** rejected')"
     assert "hunter2" not in json.dumps(entry)
     assert all(isinstance(line, str) for line in entry["exception"]["stack"])
     assert any("ValueError" in line for line in entry["exception"]["stack"])
@@ -169,3 +178,78 @@ def test_configure_logging_writes_rotated_json_lines(tmp_path: Path) -> None:
     last = json.loads((tmp_path / "logs" / "cid-1").read_text().splitlines()[-1])
     assert last["message"] == "line 19 with ***"
     assert last["logger"] == "cid-1"
+
+
+def test_exception_class_names_are_short_for_builtins_and_qualified_otherwise() -> None:
+    assert exception_class_name(ValueError) == "ValueError"
+    assert exception_class_name(ConfigError) == "channel_proc.transports.errors.ConfigError"
+
+
+def test_redact_strings_walks_nested_structures() -> None:
+    redact = Redactor()
+    redact.add(["tok-123"])
+    event = {
+        "message": "with tok-123",
+        "extra": [{"v": ("tok-123", 5)}],
+        "params": [ValueError("bad tok-123")],
+        "level": 40,
+    }
+    assert redact_strings(event, redact) == {
+        "message": "with ***",
+        "extra": [{"v": ["***", 5]}],
+        "params": ["ValueError('bad ***')"],
+        "level": 40,
+    }
+
+
+def _write_lines(tmp_path: Path, settings: Settings, count: int) -> list[str]:
+    configure_logging(settings, "cid-2")
+    log = logging.getLogger("channel_proc.test")
+    for n in range(count):
+        log.info("entry %03d", n)
+    return sorted(p.name for p in (tmp_path / "logs").iterdir())
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_max_log_files_zero_keeps_every_rotated_file(tmp_path: Path) -> None:
+    settings = Settings(logging_path=str(tmp_path / "logs"), log_rotate_size=300, max_log_files=0)
+    files = _write_lines(tmp_path, settings, 40)
+    assert len(files) > 5
+    assert set(files) == {"cid-2", *(f"cid-2.{n}" for n in range(1, len(files)))}
+    # Oldest in the highest number; nothing was dropped.
+    newest_first = ["cid-2", *(f"cid-2.{n}" for n in range(1, len(files)))]
+    messages = [
+        json.loads(line)["message"]
+        for name in reversed(newest_first)
+        for line in (tmp_path / "logs" / name).read_text().splitlines()
+    ]
+    assert messages == [f"entry {n:03d}" for n in range(40)]
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_rotation_deletes_files_beyond_max_log_files_even_left_by_a_larger_limit(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "logs").mkdir()
+    for stale in ("cid-2.3", "cid-2.4"):
+        (tmp_path / "logs" / stale).write_text('{"message": "stale"}\n')
+    (tmp_path / "logs" / "cid-2.1").write_text('{"message": "old"}\n')
+    (tmp_path / "logs" / "cid-2.2").write_text('{"message": "older"}\n')
+    settings = Settings(logging_path=str(tmp_path / "logs"), log_rotate_size=300, max_log_files=2)
+    files = _write_lines(tmp_path, settings, 20)
+    assert files == ["cid-2", "cid-2.1", "cid-2.2"]
+    text = "".join((tmp_path / "logs" / name).read_text() for name in files)
+    assert "stale" not in text
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_disable_logging_keeps_the_channel_log_but_not_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("JUNEBUG_DISABLE_LOGGING", "1")
+    settings = Settings(logging_path=str(tmp_path / "logs"))
+    configure_logging(settings, "cid-3")
+    logging.getLogger("channel_proc.test").error("something failed")
+    assert capsys.readouterr().err == ""
+    (entry,) = [json.loads(x) for x in (tmp_path / "logs" / "cid-3").read_text().splitlines()]
+    assert (entry["message"], entry["level"]) == ("something failed", 40)

@@ -13,6 +13,8 @@ Modes:
     stubborn MARKER       hello; on SIGTERM write MARKER and keep running; still exits on stdin EOF
     silent                never say Hello; run until SIGTERM or stdin EOF
     record FILE           hello, write what it was given (settings, stdin, fds) as JSON to FILE
+    config-error MESSAGE  store a "channel" config_error status with MESSAGE (as channel_proc
+                          does), then exit 78 before any Hello
 --count FILE appends the pid to FILE at start. Like the real children, every mode exits
 when its stdin reaches EOF (the supervisor is gone).
 """
@@ -32,8 +34,9 @@ import trio
 
 from ipc.client import open_ipc_client
 from ipc.messages import Role
-from ipc.names import supervisor_socket
+from ipc.names import Namespace, supervisor_socket
 from ipc.settings import Settings
+from ipc.state import open_state
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -110,6 +113,21 @@ async def _behave(
     return 0
 
 
+async def config_error(channel_id: str, message: str) -> int:
+    settings = Settings.from_env()
+    async with open_state(settings, Namespace(settings.namespace)) as store:
+        status = {
+            "component": "channel",
+            "channel_id": channel_id,
+            "status": "down",
+            "type": "config_error",
+            "message": message,
+            "details": {},
+        }
+        await store.set_status(channel_id, "channel", status)
+    return 78
+
+
 def run() -> int:
     argv = sys.argv[1:]
     if "--count" in argv:
@@ -127,6 +145,8 @@ def run() -> int:
     role, ident, mode, *args = argv
     if mode == "exit":
         return int(args[0])
+    if mode == "config-error":
+        return trio.run(config_error, ident, args[0])
     if mode == "crash-first":
         runs = Path(args[1])
         previous = runs.read_text().count("\n") if runs.exists() else 0

@@ -38,6 +38,12 @@ def child_settings(embedded_settings: Settings, run_dir: Path) -> Settings:
 
 
 @pytest.fixture
+def gw_settings(embedded_settings: Settings) -> Settings:
+    """Settings for a whole in-process supervisor: API on 127.0.0.1, any free port."""
+    return embedded_settings.model_copy(update={"interface": "127.0.0.1", "port": 0})
+
+
+@pytest.fixture
 def env(child_settings: Settings) -> dict[str, str]:
     return child_env(child_settings)
 

@@ -100,8 +100,9 @@ async def test_child_start_timeout_stops_it(runner: Runner) -> None:
     with trio.fail_after(10), pytest.raises(ChildStartError) as info:
         await runner.run(channel("c1", "silent", timeout=0.5))
     assert info.value.exit.timed_out
-    # It was stopped with SIGTERM, which the script answers with a clean exit.
-    assert info.value.exit.code == 0
+    # It was stopped with SIGTERM: the script exits cleanly, or dies of it when the signal
+    # beats its handler (a loaded machine can take over 0.5 s to start Python).
+    assert info.value.exit.code in (0, -signal.SIGTERM)
     assert info.value.exit.reason == "did not become ready in time"
 
 

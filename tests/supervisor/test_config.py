@@ -192,8 +192,6 @@ def test_config_unknown_keys_warn_and_are_ignored(
 @pytest.mark.parametrize(
     ("argv", "key"),
     [
-        (["-sd", "https://k@s/1"], "sentry_dsn"),
-        (["-pl", '{"type": "x.Y"}'], "plugins"),
         (["--routers", "a:b.C"], "routers"),
         (["--replace-routers"], "replace_routers"),
     ],
@@ -205,6 +203,11 @@ def test_config_later_features_warn(argv: list[str], key: str) -> None:
 
 def test_config_no_warnings_for_a_plain_config() -> None:
     assert load_config(["-p", "1234", "-rmi", "http://r:15672"]).warnings == ()
+
+
+def test_config_plugins_and_sentry_are_implemented() -> None:
+    argv = ["-sd", "https://k@s/1", "-pl", '{"type": "x.Y"}']
+    assert load_config(argv).warnings == ()
 
 
 @pytest.mark.parametrize(

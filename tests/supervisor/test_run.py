@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
@@ -31,73 +31,17 @@ from ipc.messages import (
 )
 from ipc.names import Namespace, supervisor_socket
 from ipc.state import open_state
-from supervisor.run import Running, run_supervisor
-from supervisor.spec import RestartPolicy
+from supervisor.run import run_supervisor
 from tests.supervisor.child_script import CATALOG
-from tests.supervisor.scripted import fake_commands, pid_alive, script_argv
+from tests.supervisor.harness import POLICY, gateway, seed
+from tests.supervisor.scripted import fake_commands, pid_alive, script_argv, wait_for
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
     from pathlib import Path
 
-    from ipc.client import IpcClient
     from ipc.settings import Settings
-    from supervisor.spec import Commands
 
 pytestmark = pytest.mark.slow
-
-POLICY = RestartPolicy(intensity=2, period=30.0, delay_base=0.05, delay_cap=0.2, start_timeout=10)
-
-
-@dataclass
-class Gateway:
-    running: Running
-    client: IpcClient
-    settings: Settings
-    result: list[int] = field(default_factory=list)
-
-    async def children(self) -> dict[str, tuple[ChildState, int | None]]:
-        reply = await self.client.request(ListChildren(id=0))
-        assert isinstance(reply, ChildrenReply)
-        return {c.channel_id: (c.state, c.pid) for c in reply.children}
-
-
-@pytest.fixture
-def gw_settings(embedded_settings: Settings) -> Settings:
-    return embedded_settings.model_copy(update={"interface": "127.0.0.1", "port": 0})
-
-
-async def seed(settings: Settings, *cids: str) -> None:
-    async with open_state(settings, Namespace(settings.namespace)) as store:
-        for cid in cids:
-            await store.save_channel(cid, {"type": "fake", "config": {}})
-
-
-@asynccontextmanager
-async def gateway(
-    settings: Settings, commands: Commands, policy: RestartPolicy = POLICY
-) -> AsyncIterator[Gateway]:
-    stop = trio.Event()
-    result: list[int] = []
-
-    async def run(task_status: trio.TaskStatus[Running]) -> None:
-        code = await run_supervisor(
-            settings,
-            commands=commands,
-            policy=policy,
-            stop=stop,
-            handle_signals=False,
-            task_status=task_status,
-        )
-        result.append(code)
-
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
-            running: Running = await nursery.start(run)
-        path = supervisor_socket(running.run_dir)
-        async with open_ipc_client(path, role=Role.CLI) as client:
-            yield Gateway(running, client, settings, result)
-        stop.set()
 
 
 async def test_supervisor_boots_api_and_stored_channels_then_stops_cleanly(
@@ -170,7 +114,9 @@ async def test_control_start_restart_stop(gw_settings: Settings) -> None:
 async def test_control_start_failures(
     gw_settings: Settings, mode: tuple[str, ...], code: int, error_type: str
 ) -> None:
-    policy = replace(POLICY, start_timeout=0.5)
+    # Short only where the timeout is the point: the others (and the API worker, which
+    # shares the policy) must not lose a race against a busy machine.
+    policy = replace(POLICY, start_timeout=2.0) if mode == ("silent",) else POLICY
     async with gateway(gw_settings, fake_commands({"bad": mode}), policy) as gw:
         await seed(gw_settings, "bad")
         with trio.fail_after(10), pytest.raises(RemoteError) as info:
@@ -187,6 +133,23 @@ async def test_control_config_error_is_written_to_the_store(gw_settings: Setting
         async with open_state(gw_settings, Namespace(gw_settings.namespace)) as store:
             status = (await store.get_statuses("bad"))["process"]
         assert (status["status"], status["type"]) == ("down", "config_error")
+
+
+async def test_control_config_error_carries_the_channels_own_reason(gw_settings: Settings) -> None:
+    reason = "config.port: Input should be a valid integer"
+    commands = fake_commands({"bad": ("config-error", reason)})
+    async with gateway(gw_settings, commands) as gw:
+        await seed(gw_settings, "bad")
+        with pytest.raises(RemoteError) as info:
+            await gw.client.request(StartChannel(id=0, channel_id="bad"))
+        assert (info.value.error_type, info.value.message) == ("ChannelConfigError", reason)
+        async with open_state(gw_settings, Namespace(gw_settings.namespace)) as store:
+            status = (await store.get_statuses("bad"))["process"]
+        assert status["type"] == "config_error"
+        assert status["message"] == reason
+        reply = await gw.client.request(ListChildren(id=0))
+        assert isinstance(reply, ChildrenReply)
+        assert reply.children[0].reason == reason
 
 
 async def test_supervisor_catalog_failure_exits_78(
@@ -240,3 +203,38 @@ async def test_supervisor_refuses_a_run_dir_in_use(
     assert code == exit_codes.EXIT_UNAVAILABLE
     assert f"cannot serve the control socket {run_dir}/supervisor.sock" in caplog.text
     assert await trio.Path(run_dir).exists()
+
+
+async def test_boot_restore_leaves_a_channel_started_meanwhile_alone(
+    gw_settings: Settings, run_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The control socket serves while the boot still waits for the API worker, so a
+    channel may be started (by a request) before the stored channels are restored."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    settings = gw_settings.model_copy(update={"run_dir": run_dir})
+    await seed(settings, "c1")
+    commands = fake_commands({}, api_mode=("gate", str(gate)))
+    stop = trio.Event()
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            partial(run_supervisor, settings, commands=commands, stop=stop, handle_signals=False)
+        )
+        with trio.fail_after(20):
+            await wait_for((gate / "started").exists)
+        async with open_ipc_client(supervisor_socket(run_dir), role=Role.CLI) as client:
+            with trio.fail_after(20):
+                assert isinstance(await client.request(StartChannel(id=0, channel_id="c1")), Ok)
+            reply = await client.request(ListChildren(id=0))
+            assert isinstance(reply, ChildrenReply)
+            [before] = reply.children
+            (gate / "go").write_text("")
+            with trio.fail_after(20):
+                await wait_for(lambda: "1/1 channel(s) running" in caplog.text)
+            reply = await client.request(ListChildren(id=0))
+            assert isinstance(reply, ChildrenReply)
+            [after] = reply.children
+        assert after.state is ChildState.RUNNING
+        assert (after.pid, after.restarts) == (before.pid, 0)
+        stop.set()

@@ -237,3 +237,22 @@ async def test_tree_failed_child_is_retried_slowly(
             await wait_for(lambda: info(tree, "c1").state is ChildState.RUNNING)
         assert trio.current_time() - failed_at >= 0.5
         assert len(lines(runs)) == 3
+
+
+async def test_tree_start_without_replace_leaves_a_running_child_alone(
+    env: dict[str, str], board: HelloBoard, store: StateStore, tmp_path: Path
+) -> None:
+    starts = tmp_path / "starts"
+    async with open_tree(env, board, store) as tree:
+        with trio.fail_after(15):
+            assert await tree.start(channel("c1", "hello", "--count", str(starts))) is None
+            pid = info(tree, "c1").pid
+            # What the boot-time restore does for a channel the API has started meanwhile.
+            assert await tree.start(channel("c1", "hello"), replace=False) is None
+            assert info(tree, "c1").pid == pid
+            assert len(lines(starts)) == 1
+            # The default replaces it.
+            assert await tree.start(channel("c1", "hello")) is None
+            assert info(tree, "c1").pid != pid
+            assert pid is not None
+            assert not pid_alive(pid)

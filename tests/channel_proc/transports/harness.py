@@ -6,6 +6,7 @@ provider; the harness runs the transport and reads what it produced.
 
 from __future__ import annotations
 
+import json
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ class MemoryLink:
         self.inbound_send, self.inbound_recv = trio.open_memory_channel[VumiMessage](size)
         self.events_send, self.events_recv = trio.open_memory_channel[VumiEvent](size)
         self.status_send, self.status_recv = trio.open_memory_channel[StatusReported](size)
+        #: The transport's notes (a real store's JSON round trip; TTLs on trio's clock).
+        self.notes_data: dict[str, tuple[dict[str, object], float | None]] = {}
 
     async def inbound(self, msg: VumiMessage) -> None:
         await self.inbound_send.send(msg)
@@ -52,6 +55,35 @@ class MemoryLink:
                 component=component, level=level, type=type, message=message, details=details or {}
             )
         )
+
+    async def note_put(
+        self, key: str, value: Mapping[str, object], ttl: float | None = None
+    ) -> None:
+        expires = None if ttl is None else trio.current_time() + ttl
+        self.notes_data[key] = (json.loads(json.dumps(dict(value))), expires)
+        await trio.lowlevel.checkpoint()
+
+    async def note_get(self, key: str) -> dict[str, object] | None:
+        await trio.lowlevel.checkpoint()
+        return self._live_notes().get(key)
+
+    async def note_delete(self, key: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        live = key in self._live_notes()
+        self.notes_data.pop(key, None)
+        return live
+
+    async def notes(self, prefix: str) -> dict[str, dict[str, object]]:
+        await trio.lowlevel.checkpoint()
+        return {k: v for k, v in sorted(self._live_notes().items()) if k.startswith(prefix)}
+
+    def _live_notes(self) -> dict[str, dict[str, object]]:
+        now = trio.current_time()
+        return {
+            key: value
+            for key, (value, expires) in self.notes_data.items()
+            if expires is None or expires > now
+        }
 
     async def next_inbound(self) -> VumiMessage:
         with trio.fail_after(READ_TIMEOUT):

@@ -28,6 +28,12 @@ from tests.channel_proc.transports.harness import build
 #: A config each kind can run with on loopback, without a provider.
 SAMPLE_CONFIGS: dict[str, dict[str, Any]] = {
     "telnet": {"twisted_endpoint": "tcp:port=0:interface=127.0.0.1"},
+    # Nothing listens on port 1: the bind fails at once and is retried in the background.
+    "smpp": {"twisted_endpoint": "tcp:127.0.0.1:1", "system_id": "esme", "password": "pw"},
+    # Port 1 on loopback refuses the connection: the first attempt fails at once.
+    "xmpp": {"jid": "bot@localhost", "password": "x", "host": "127.0.0.1", "port": 1},
+    "dmark": {"web_path": "/dmark", "web_port": 0, "web_interface": "127.0.0.1"},
+    "websocket": {"port": 0, "interface": "127.0.0.1"},
 }
 
 KINDS = sorted(TRANSPORTS)
