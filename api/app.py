@@ -10,7 +10,7 @@ from quart_trio import QuartTrio
 from api.asgi import HTTPConnection
 from api.deps import EXTENSION_KEY, ApiContext
 from api.errors import http_error_response, register_error_handlers
-from api.routes import channels, docs, health, logs, messages
+from api.routes import channels, destinations, docs, health, logs, messages, routers
 from ipc.broker import open_broker
 from ipc.errors import BrokerUnavailableError, StoreUnavailableError
 from ipc.names import Namespace
@@ -91,6 +91,8 @@ def create_app(
         channels.blueprint,
         messages.blueprint,
         logs.blueprint,
+        routers.blueprint,
+        destinations.blueprint,
         health.blueprint,
         docs.blueprint,
     ):

@@ -15,7 +15,15 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from api.channel_object import RATES
-from api.schemas import CHANNEL_CREATE, CHANNEL_MODIFY, MESSAGE_SEND
+from api.schemas import (
+    CHANNEL_CREATE,
+    CHANNEL_MODIFY,
+    DESTINATION_CREATE,
+    DESTINATION_PATCH,
+    MESSAGE_SEND,
+    ROUTER_CREATE,
+    ROUTER_PATCH,
+)
 
 if TYPE_CHECKING:
     from werkzeug.routing import Map
@@ -68,6 +76,37 @@ _CHANNEL: JsonObject = {
     "required": ["id", "status"],
     "properties": {"id": {"type": "string"}, "status": _ref("ChannelStatus")},
     "additionalProperties": True,
+}
+
+_RATES: JsonObject = {
+    "type": "object",
+    "required": [key for _, key in RATES],
+    "properties": {key: {"type": "number", "minimum": 0} for _, key in RATES},
+}
+
+#: The stored router (type, config, label, metadata) plus `id` and `status` (its rates).
+_ROUTER: JsonObject = {
+    "type": "object",
+    "required": ["id", "type", "config", "status"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"type": "string"},
+        "config": {"type": "object"},
+        "label": {"type": "string"},
+        "metadata": {"type": "object"},
+        "status": _ref("Rates"),
+    },
+}
+
+#: The destination as supplied plus `id` and `status` (its rates).
+_DESTINATION: JsonObject = {
+    "type": "object",
+    "required": ["id", "config", "status"],
+    "properties": {
+        **DESTINATION_CREATE["properties"],
+        "id": {"type": "string"},
+        "status": _ref("Rates"),
+    },
 }
 
 _MESSAGE: JsonObject = {
@@ -200,6 +239,13 @@ _SCHEMAS: dict[str, JsonObject] = {
     "ChannelCreate": CHANNEL_CREATE,
     "ChannelModify": CHANNEL_MODIFY,
     "MessageSend": MESSAGE_SEND,
+    "RouterCreate": ROUTER_CREATE,
+    "RouterPatch": ROUTER_PATCH,
+    "DestinationCreate": DESTINATION_CREATE,
+    "DestinationPatch": DESTINATION_PATCH,
+    "Router": _ROUTER,
+    "Destination": _DESTINATION,
+    "Rates": _RATES,
     "Channel": _CHANNEL,
     "ChannelStatus": _CHANNEL_STATUS,
     "StatusComponent": _STATUS_COMPONENT,
@@ -217,7 +263,7 @@ _SCHEMAS: dict[str, JsonObject] = {
 _ERRORS: dict[int, str] = {
     400: "Invalid JSON (json decode error), a body failing its schema (api usage error, "
     "items of type invalid_body with schema_path), or another usage error",
-    404: "Channel not found",
+    404: "Channel, router or destination not found",
     408: "The request body did not arrive in time",
     413: "The request body is larger than the limit",
     429: "The channel's outbound queue is full",
@@ -244,6 +290,19 @@ class Operation:
 
 
 _CHANNEL_ERRORS = (404, 500, 503)
+
+_EMPTY: JsonObject = {"type": "object", "maxProperties": 0}
+_IDS: JsonObject = {"type": "array", "items": {"type": "string"}}
+_LOGS: JsonObject = {"type": "array", "items": _ref("LogEntry")}
+_N_QUERY: JsonObject = {
+    "name": "n",
+    "in": "query",
+    "required": False,
+    "description": "How many entries (clamped to 0..max_logs; default max_logs)",
+    "schema": {"type": "integer"},
+}
+_SEND_ERRORS = (*_BODY_ERRORS, 404, 429, 500, 503)
+_CHANGE_ERRORS = (*_BODY_ERRORS, *_CHANNEL_ERRORS)
 
 #: Endpoint name -> its description. Every route must have one (see build_document).
 OPERATIONS: dict[str, Operation] = {
@@ -321,6 +380,120 @@ OPERATIONS: dict[str, Operation] = {
                 "schema": {"type": "integer"},
             },
         ),
+    ),
+    "routers.list_routers": Operation(
+        "List router ids (sorted)", 200, "routers retrieved", _IDS, errors=(500, 503)
+    ),
+    "routers.create_router": Operation(
+        "Create a router; its channel restarts to route (400 invalid router type / config)",
+        201,
+        "router created",
+        _ref("Router"),
+        body="RouterCreate",
+        errors=(*_BODY_ERRORS, 500, 503),
+    ),
+    "routers.get_router": Operation(
+        "A router with its rates", 200, "router found", _ref("Router"), errors=_CHANNEL_ERRORS
+    ),
+    "routers.replace_router": Operation(
+        "Replace a router's type, config, label and metadata",
+        200,
+        "router updated",
+        _ref("Router"),
+        body="RouterCreate",
+        errors=_CHANGE_ERRORS,
+    ),
+    "routers.update_router": Operation(
+        "Change parts of a router (top-level keys replace the stored ones)",
+        200,
+        "router updated",
+        _ref("Router"),
+        body="RouterPatch",
+        errors=_CHANGE_ERRORS,
+    ),
+    "routers.delete_router": Operation(
+        "Stop a router and delete it with its destinations and their state and queues",
+        200,
+        "router deleted",
+        _EMPTY,
+        errors=_CHANNEL_ERRORS,
+    ),
+    "routers.router_logs": Operation(
+        "A router's latest log entries, newest first",
+        200,
+        "logs retrieved",
+        _LOGS,
+        errors=(400, *_CHANNEL_ERRORS),
+        query=(_N_QUERY,),
+    ),
+    "destinations.list_destinations": Operation(
+        "List a router's destination ids (sorted)",
+        200,
+        "destinations retrieved",
+        _IDS,
+        errors=_CHANNEL_ERRORS,
+    ),
+    "destinations.create_destination": Operation(
+        "Add a destination to a router (400 invalid router destination config)",
+        201,
+        "destination created",
+        _ref("Destination"),
+        body="DestinationCreate",
+        errors=_CHANGE_ERRORS,
+    ),
+    "destinations.get_destination": Operation(
+        "A destination with its rates",
+        200,
+        "destination found",
+        _ref("Destination"),
+        errors=_CHANNEL_ERRORS,
+    ),
+    "destinations.replace_destination": Operation(
+        "Replace a destination",
+        200,
+        "destination updated",
+        _ref("Destination"),
+        body="DestinationCreate",
+        errors=_CHANGE_ERRORS,
+    ),
+    "destinations.update_destination": Operation(
+        "Change parts of a destination (top-level keys replace the stored ones)",
+        200,
+        "destination updated",
+        _ref("Destination"),
+        body="DestinationPatch",
+        errors=_CHANGE_ERRORS,
+    ),
+    "destinations.delete_destination": Operation(
+        "Delete a destination with its state and queues",
+        200,
+        "destination deleted",
+        _EMPTY,
+        errors=_CHANNEL_ERRORS,
+    ),
+    "destinations.destination_logs": Operation(
+        "A destination's latest log entries, newest first",
+        200,
+        "logs retrieved",
+        _LOGS,
+        errors=(400, *_CHANNEL_ERRORS),
+        query=(_N_QUERY,),
+    ),
+    "destinations.send_destination_message": Operation(
+        "Send a message from a destination, through its router's channel; its events come "
+        "back to the destination",
+        201,
+        "message submitted",
+        _ref("Message"),
+        body="MessageSend",
+        errors=_SEND_ERRORS,
+    ),
+    "destinations.destination_message_status": Operation(
+        "A message's events as the destination received them, oldest first",
+        200,
+        "message status",
+        _ref("MessageStatus"),
+        errors=_CHANNEL_ERRORS,
     ),
     "health.health": Operation(
         "Whether the store and broker answer; with rabbitmq_management_interface set, "

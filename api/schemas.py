@@ -99,9 +99,59 @@ MESSAGE_SEND: JsonObject = {
     "additionalProperties": False,
 }
 
+_ROUTER_PROPERTIES: JsonObject = {
+    "type": {"type": "string"},
+    "label": {"type": "string"},
+    "config": {"type": "object"},
+    "metadata": {"type": "object"},
+}
+
+#: POST /routers/ and PUT /routers/{rid} (behaviour 10.2: no other keys).
+ROUTER_CREATE: JsonObject = {
+    "type": "object",
+    "properties": _ROUTER_PROPERTIES,
+    "required": ["type", "config"],
+    "additionalProperties": False,
+}
+
+#: PATCH /routers/{rid}: the same keys, none required.
+ROUTER_PATCH: JsonObject = {
+    "type": "object",
+    "properties": _ROUTER_PROPERTIES,
+    "additionalProperties": False,
+}
+
+_DESTINATION_PROPERTIES: JsonObject = {
+    "label": {"type": "string"},
+    "config": {"type": "object"},
+    "metadata": {"type": "object"},
+    "mo_url": {"type": "string"},
+    "mo_url_token": {"type": "string"},
+    "amqp_queue": {"type": "string"},
+    "character_limit": _NON_NEGATIVE_INT,
+}
+
+#: POST .../destinations/ and PUT .../destinations/{did} (behaviour 10.3).
+DESTINATION_CREATE: JsonObject = {
+    "type": "object",
+    "properties": _DESTINATION_PROPERTIES,
+    "required": ["config"],
+    "additionalProperties": False,
+}
+
+DESTINATION_PATCH: JsonObject = {
+    "type": "object",
+    "properties": _DESTINATION_PROPERTIES,
+    "additionalProperties": False,
+}
+
 CHANNEL_CREATE_VALIDATOR = Draft4Validator(CHANNEL_CREATE)
 CHANNEL_MODIFY_VALIDATOR = Draft4Validator(CHANNEL_MODIFY)
 MESSAGE_SEND_VALIDATOR = Draft4Validator(MESSAGE_SEND)
+ROUTER_CREATE_VALIDATOR = Draft4Validator(ROUTER_CREATE)
+ROUTER_PATCH_VALIDATOR = Draft4Validator(ROUTER_PATCH)
+DESTINATION_CREATE_VALIDATOR = Draft4Validator(DESTINATION_CREATE)
+DESTINATION_PATCH_VALIDATOR = Draft4Validator(DESTINATION_PATCH)
 
 
 #: Deeper bodies are refused: every layer below (deepcopy, the stores' JSON, pydantic) recurses.
@@ -212,3 +262,39 @@ def validate_channel_config(config_schema: JsonObject, config: object) -> None:
     items = _items(validator.iter_errors(config), ("properties", "config"))
     if items:
         raise BodyValidationError(items)
+
+
+@lru_cache(maxsize=64)
+def _router_config_validator(schema_json: str) -> Draft202012Validator:
+    # Formats are checked: router types declare channel ids as "uuid" and patterns as "regex".
+    schema = json.loads(schema_json)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def _router_problem(error: ValidationError) -> list[str]:
+    """The original's wording for the cases it had (behaviour 10.4), the schema's otherwise."""
+    where = ".".join(str(part) for part in error.absolute_path)
+    required = error.validator_value
+    if error.validator == "required" and isinstance(error.instance, dict):
+        assert isinstance(required, list)
+        prefix = f"{where}." if where else ""
+        return [
+            f"Missing required config field '{prefix}{name}'"
+            for name in required
+            if name not in error.instance
+        ]
+    if error.validator == "format" and error.validator_value == "uuid":
+        return [f"Field '{where}' is not a valid UUID"]
+    if error.validator == "format" and error.validator_value == "regex":
+        return [f"Field '{where}' is not a valid regular expression: {error.cause}"]
+    return [f"Field '{where}': {error.message}" if where else error.message]
+
+
+def router_config_problems(schema: JsonObject, config: object) -> list[str]:
+    """What is wrong with a router's (or a destination's) `config`, sorted; [] when valid."""
+    validator = _router_config_validator(json.dumps(schema, sort_keys=True))
+    problems = {
+        problem for error in validator.iter_errors(config) for problem in _router_problem(error)
+    }
+    return sorted(problems)

@@ -18,6 +18,7 @@ from ipc.messages import (
     Ping,
     RestartChannel,
     Role,
+    RouterSchemas,
     StartChannel,
     StopChannel,
 )
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: channel type -> JSON Schema of its `config`.
 Catalog = dict[str, dict[str, Any]]
+#: router type -> the JSON Schemas of its `config` and of its destinations' `config`.
+RouterCatalog = dict[str, RouterSchemas]
 
 
 class SupervisorUnreachableError(Exception):
@@ -64,6 +67,7 @@ class SupervisorLink:
         self._connected = trio.Event()
         self._dropped = trio.Event()
         self._catalog: Catalog | None = None
+        self._router_catalog: RouterCatalog | None = None
 
     @property
     def connected(self) -> bool:
@@ -100,13 +104,13 @@ class SupervisorLink:
 
     def _attach(self, client: IpcClient) -> None:
         self._client = client
-        self._catalog = None
+        self._catalog = self._router_catalog = None
         self._dropped = trio.Event()
         self._connected.set()
 
     def _detach(self) -> None:
         self._client = None
-        self._catalog = None
+        self._catalog = self._router_catalog = None
         self._connected = trio.Event()
 
     async def _hold(self, client: IpcClient) -> None:
@@ -155,4 +159,13 @@ class SupervisorLink:
             if not isinstance(reply, CatalogReply):
                 raise RemoteError("UnexpectedReply", f"expected a catalog, got {reply.type}")
             self._catalog = reply.config_schemas
+            self._router_catalog = reply.router_schemas
         return self._catalog
+
+    async def router_catalog(self) -> RouterCatalog:
+        """The router types the supervisor can run, fetched with the channel types."""
+        if self._router_catalog is None:
+            self._catalog = None
+            await self.catalog()
+        assert self._router_catalog is not None
+        return self._router_catalog

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from channel_proc.lifecycle import Shutdown
     from ipc.broker import Broker, Consumer, Delivery
     from ipc.names import Namespace
-    from ipc.payloads import VumiEvent
+    from ipc.payloads import VumiEvent, VumiMessage
     from ipc.settings import Settings
     from ipc.state import StateStore
 
@@ -82,7 +82,14 @@ class Forwarder:
         shutdown: Shutdown,
         retry_initial: float = 0.5,
         retry_cap: float = 60.0,
+        logger: logging.Logger | None = None,
+        components: tuple[str, str] = (MO_COMPONENT, EVENT_COMPONENT),
     ) -> None:
+        """`channel_id` names the queues consumed and the owner of what is stored and counted
+        (a router destination's forwarder passes the destination id); `logger` and the status
+        `components` (mo_url, event_url) let such a forwarder report under its own names."""
+        self._log = logger or log
+        self._mo_component, self._event_component = components
         self._broker = broker
         self._store = store
         self._http = http
@@ -100,7 +107,7 @@ class Forwarder:
         self._amqp_queue = routes.amqp_queue if settings.amqp is not None else None
         self._amqp_outbound = amqp_outbound_queue(self._amqp_queue) if self._amqp_queue else ""
         if routes.amqp_queue and settings.amqp is None:
-            log.warning("amqp_queue is set but the gateway has no RabbitMQ; it is ignored")
+            self._log.warning("amqp_queue is set but the gateway has no RabbitMQ; it is ignored")
         self._mo_target: WebhookTarget | None = None
         if routes.mo_url:
             try:
@@ -114,8 +121,7 @@ class Forwarder:
             await nursery.start(self._consume, self._ns.inbound_queue(self._cid), self._inbound)
             await nursery.start(self._consume, self._ns.event_queue(self._cid), self._event)
             if self._amqp_queue:
-                outbound = self._ns.outbound_queue(self._cid)
-                await self._broker.declare_queue(outbound, max_priority=MAX_PRIORITY)
+                await self._broker.declare_queue(self._relay_queue(), max_priority=MAX_PRIORITY)
                 await nursery.start(self._consume, self._amqp_outbound, self._relay_outbound)
             task_status.started()
 
@@ -148,8 +154,8 @@ class Forwarder:
         )
         if self._mo_target is not None:
             what = f"inbound message {msg.message_id}"
-            body = api_message(msg, self._cid)
-            outcome = await self._deliver(MO_COMPONENT, self._mo_target, body, what)
+            body = self._mo_body(msg)
+            outcome = await self._deliver(self._mo_component, self._mo_target, body, what)
             if outcome is Outcome.STOPPED:
                 return
             if outcome is Outcome.GAVE_UP:
@@ -157,9 +163,13 @@ class Forwarder:
         if self._amqp_queue:
             key = amqp_inbound_key(self._amqp_queue)
             await self._broker.publish(key, delivery.body)
-            log.info("inbound message %s published to %s", msg.message_id, key)
+            self._log.info("inbound message %s published to %s", msg.message_id, key)
         await self._count("inbound")
         await consumer.ack(delivery)
+
+    def _mo_body(self, msg: VumiMessage) -> dict[str, object]:
+        """What is POSTed to mo_url."""
+        return api_message(msg, self._cid)
 
     # --- events -----------------------------------------------------------------------
 
@@ -174,13 +184,12 @@ class Forwarder:
         record: Mapping[str, object] | None = None
         ttl = self._settings.outbound_message_ttl
         if event.user_message_id is None:
-            log.warning("cannot store event %s: missing user_message_id", event.event_id)
+            self._log.warning("cannot store event %s: missing user_message_id", event.event_id)
         else:
             await self._store.add_event(
                 self._cid, event.user_message_id, event.event_id, event.model_dump(mode="json"), ttl
             )
-            stored = await self._store.get_outbound(self._cid, event.user_message_id, ttl)
-            record = stored.message if stored is not None else None
+            record = await self._event_record(event, event.user_message_id)
         event_type = junebug_event_type(event)
         event_url = record.get("event_url") if record is not None else None
         if isinstance(event_url, str) and event_url and record is not None:
@@ -193,7 +202,7 @@ class Forwarder:
         if self._amqp_queue:
             key = amqp_event_key(self._amqp_queue)
             await self._broker.publish(key, delivery.body)
-            log.info(
+            self._log.info(
                 "%s event %s of message %s published to %s",
                 event.event_type.value,
                 event.event_id,
@@ -204,6 +213,13 @@ class Forwarder:
             await self._count(event_type)
         await consumer.ack(delivery)
 
+    async def _event_record(self, event: VumiEvent, message_id: str) -> Mapping[str, object] | None:
+        """The send record of an event's message (event_url, event_auth_token), if kept."""
+        stored = await self._store.get_outbound(
+            self._cid, message_id, self._settings.outbound_message_ttl
+        )
+        return stored.message if stored is not None else None
+
     async def _forward_event(
         self,
         event_url: str,
@@ -213,15 +229,18 @@ class Forwarder:
         what: str,
     ) -> Outcome:
         if event_type is None:
-            log.info("discarding unrecognised event %s", event.event_id)
+            self._log.info("discarding unrecognised event %s", event.event_id)
             return Outcome.DELIVERED
         token = record.get("event_auth_token")
         try:
             target = WebhookTarget.parse(event_url, token if isinstance(token, str) else None)
         except WebhookError as exc:
-            log.error("%s: event_url %s is unusable: %s", what, safe_url(event_url), exc.reason)
+            self._log.error(
+                "%s: event_url %s is unusable: %s", what, safe_url(event_url), exc.reason
+            )
             return Outcome.GAVE_UP
-        return await self._deliver(EVENT_COMPONENT, target, api_event(event, self._cid), what)
+        body = api_event(event, self._cid)
+        return await self._deliver(self._event_component, target, body, what)
 
     # --- AMQP-originated outbound -----------------------------------------------------
 
@@ -232,10 +251,14 @@ class Forwarder:
         except ProtocolError:
             what = "an undecodable message"
         await self._broker.publish(
-            self._ns.outbound_queue(self._cid), delivery.body, priority=AMQP_OUTBOUND_PRIORITY
+            self._relay_queue(), delivery.body, priority=AMQP_OUTBOUND_PRIORITY
         )
-        log.info("%s from %s queued for sending", what, self._amqp_outbound)
+        self._log.info("%s from %s queued for sending", what, self._amqp_outbound)
         await consumer.ack(delivery)
+
+    def _relay_queue(self) -> str:
+        """The outbound queue messages from `{amqp_queue}.outbound` are relayed to."""
+        return self._ns.outbound_queue(self._cid)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -256,7 +279,7 @@ class Forwarder:
             except WebhookError as exc:
                 age = trio.current_time() - first_attempt
                 if exc.permanent or age >= max_age:
-                    log.error(
+                    self._log.error(
                         "giving up on %s to %s after %d attempt(s) in %.0f s: %s",
                         what,
                         component,
@@ -266,7 +289,7 @@ class Forwarder:
                     )
                     return Outcome.GAVE_UP
                 delay = min(backoff.next_delay(), max_age - age)
-                log.warning(
+                self._log.warning(
                     "%s not delivered to %s (%s); retry %d in %.1f s",
                     what,
                     component,
@@ -278,7 +301,7 @@ class Forwarder:
                 if not await self._shutdown.sleep(delay):
                     return Outcome.STOPPED
             else:
-                log.info("%s delivered to %s", what, component)
+                self._log.info("%s delivered to %s", what, component)
                 self._report_recovered(component, target)
                 return Outcome.DELIVERED
 

@@ -1,15 +1,19 @@
 """CLI of the channel process: `run --channel-id CID` and `describe`; exceptions -> exit codes.
 
-Also the process-wide observability: the channel log, Sentry (redacted like the log).
+Also the process-wide observability: the channel log, Sentry (redacted like the log), and
+the `broker` status component: down when the broker fails (at start or while running; the
+process then exits 69 and the supervisor retries it), ok again once a run reaches it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from typing import TYPE_CHECKING
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from pydantic import ValidationError
@@ -17,11 +21,15 @@ from pydantic import ValidationError
 from channel_proc.lifecycle import Shutdown
 from channel_proc.logs import Redactor, configure_logging, redact_strings
 from channel_proc.process import (
+    CLEANUP_TIMEOUT,
     ChannelMissingError,
     load_channel,
     record_config_error,
     run_channel_process,
 )
+from channel_proc.routers import available_routers, router_schemas
+from channel_proc.routers.loading import load_routing
+from channel_proc.routers.logs import attach_log_files
 from channel_proc.transports import available_transports, config_schemas
 from channel_proc.transports.errors import ConfigError
 from channel_proc.webhook import WebhookError, WebhookTarget
@@ -34,11 +42,16 @@ from ipc.settings import Settings
 from ipc.state import open_state
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import AsyncIterator, Iterator, Sequence
 
     from sentry_sdk.types import Event, Hint
 
+    from ipc.state import StateStore
+
 log = logging.getLogger("channel_proc")
+
+#: The status component that tells whether the channel can reach its queue broker.
+BROKER_COMPONENT: Final = "broker"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one channel (started by junebug-supervisor)")
     run.add_argument("--channel-id", required=True)
-    commands.add_parser("describe", help="print the config JSON Schema of every channel type")
+    describe_cmd = commands.add_parser(
+        "describe", help="print the config JSON Schema of every channel (and router) type"
+    )
+    describe_cmd.add_argument(
+        "--format",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: {channel type: schema}; 2: {format: 2, channels: {...}, routers: {...}}",
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -54,18 +76,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"channel_proc: bad settings: {exc}\n")
         return EXIT_CONFIG
     if args.command == "describe":
-        return describe(settings)
+        return describe(settings, int(args.format))
     return trio.run(run_channel, settings, str(args.channel_id))
 
 
-def describe(settings: Settings) -> int:
-    """Print {channel type: config JSON Schema}; exit 78 if a custom type does not load."""
+def describe(settings: Settings, output_format: int = 1) -> int:
+    """Print {channel type: config JSON Schema} (format 1), or with the router types
+    {"format": 2, "channels": {...}, "routers": {type: {config, destination_config}}};
+    exit 78 if a custom type does not load."""
     try:
         schemas = config_schemas(available_transports(settings))
+        routers = router_schemas(available_routers(settings)) if output_format == 2 else {}
     except ConfigError as exc:
         sys.stderr.write(f"channel_proc: {exc}\n")
         return EXIT_CONFIG
-    sys.stdout.write(json.dumps(schemas) + "\n")
+    if output_format == 2:
+        document: dict[str, object] = {"format": 2, "channels": schemas, "routers": routers}
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        sys.stdout.write(json.dumps(schemas) + "\n")
     return EXIT_OK
 
 
@@ -129,14 +158,64 @@ def url_secrets(url: object) -> list[str]:
         return []
 
 
+def broker_status(
+    settings: Settings, channel_id: str, level: str, type_: str, message: str
+) -> dict[str, Any]:
+    backend = "rabbitmq" if settings.amqp is not None else "embedded"
+    return {
+        "component": BROKER_COMPONENT,
+        "channel_id": channel_id,
+        "status": level,
+        "type": type_,
+        "message": message,
+        "details": {"backend": backend},
+    }
+
+
+@asynccontextmanager
+async def broker_loss_reported(
+    store: StateStore, settings: Settings, channel_id: str
+) -> AsyncIterator[None]:
+    """Record the `broker` component down when the block fails with BrokerUnavailableError."""
+    try:
+        yield
+    except* BrokerUnavailableError as group:
+        error = "; ".join(str(exc) for exc in leaf_exceptions(group))
+        # Best effort and bounded: the process is exiting, and the store may be failing too.
+        with (
+            trio.move_on_after(CLEANUP_TIMEOUT, shield=True),
+            contextlib.suppress(StoreUnavailableError),
+        ):
+            # A deleted channel must not get a status key back.
+            if await store.get_channel(channel_id) is not None:
+                message = f"The queue broker is unavailable: {error}"
+                status = broker_status(settings, channel_id, "down", "unavailable", message)
+                await store.set_status(channel_id, BROKER_COMPONENT, status)
+        raise
+
+
+async def record_broker_up(store: StateStore, settings: Settings, channel_id: str) -> None:
+    """Clear a `broker` down status left by an earlier run (a deleted channel has none)."""
+    previous = (await store.get_statuses(channel_id)).get(BROKER_COMPONENT)
+    if previous is not None and previous.get("status") != "ok":
+        message = "The queue broker is reachable again"
+        status = broker_status(settings, channel_id, "ok", "recovered", message)
+        await store.set_status(channel_id, BROKER_COMPONENT, status)
+
+
 async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
     namespace = Namespace(settings.namespace)
     async with open_state(settings, namespace) as store:
         await store.ping()
-        async with open_broker(settings) as broker:
+        async with (
+            broker_loss_reported(store, settings, channel_id),
+            open_broker(settings) as broker,
+        ):
             await broker.ping()
+            await record_broker_up(store, settings, channel_id)
             try:
                 spec = await load_channel(store, settings, channel_id)
+                routing = await load_routing(store, settings, channel_id)
             except ChannelMissingError:
                 # Writing a status would resurrect state for a deleted channel.
                 raise
@@ -146,6 +225,13 @@ async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
             redact.add_from(spec.raw_properties)
             for key in ("mo_url", "status_url"):
                 redact.add(url_secrets(spec.raw_properties.get(key)))
+            if routing is not None:
+                redact.add_from(routing.raw)
+                for destination in routing.destinations.values():
+                    redact.add_from(destination.raw)
+                    redact.add(url_secrets(destination.raw.get("mo_url")))
+                if routing.home:
+                    attach_log_files(settings, routing, redact)
             await run_channel_process(
                 spec,
                 settings=settings,
@@ -153,4 +239,5 @@ async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
                 store=store,
                 broker=broker,
                 shutdown=Shutdown(settings.shutdown_grace),
+                routing=routing,
             )

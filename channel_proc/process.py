@@ -23,6 +23,8 @@ from channel_proc.events import StatusMail, StatusReporter
 from channel_proc.forwarder import Forwarder, Routes
 from channel_proc.link import QueueLink
 from channel_proc.outbound import OutboundActor
+from channel_proc.routers.actor import RouterActor
+from channel_proc.routers.destination import DestinationForwarder
 from channel_proc.status import MAILBOX_SIZE, run_status_actor
 from channel_proc.transports import available_transports
 from channel_proc.transports.base import StatusLevel
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from channel_proc.lifecycle import Shutdown
+    from channel_proc.routers.loading import Routing
     from channel_proc.transports.base import Transport
     from ipc.broker import Broker
     from ipc.names import Namespace
@@ -152,11 +155,15 @@ async def run_channel_process(
     store: StateStore,
     broker: Broker,
     shutdown: Shutdown,
+    routing: Routing | None = None,
     watch_process: bool = True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the channel until `shutdown` is requested and in-flight work has finished.
 
+    With `routing` (a router routes this channel) the router's dispatcher consumes the
+    channel's inbound messages and events instead of the forwarder, and in the router's home
+    process one forwarder per destination runs too (see channel_proc.routers).
     `watch_process` adds the SIGTERM/SIGINT and stdin-EOF watchers (off for in-process tests).
     `task_status.started()` is called once every actor has started.
     """
@@ -193,18 +200,14 @@ async def run_channel_process(
             transport=transport,
             shutdown=shutdown,
         )
-        forwarder = Forwarder(
-            broker=broker,
-            store=store,
-            http=http,
-            namespace=namespace,
-            channel_id=cid,
-            routes=Routes(
-                mo_url=props.mo_url,
-                mo_url_auth_token=props.mo_url_auth_token,
-                amqp_queue=props.amqp_queue,
-            ),
+        consumers = _consumers(
+            spec,
+            routing,
             settings=settings,
+            namespace=namespace,
+            store=store,
+            broker=broker,
+            http=http,
             reporter=reporter,
             shutdown=shutdown,
         )
@@ -219,7 +222,8 @@ async def run_channel_process(
             await transport_nursery.start(_run_transport, transport, store, cid)
             async with trio.open_nursery() as workers:
                 await workers.start(outbound.run)
-                await workers.start(forwarder.run)
+                for consumer in consumers:
+                    await workers.start(consumer.run)
                 await _serve_control(infra, settings.run_dir, cid, control)
                 await infra.start(_announce_ready, settings.run_dir, cid)
                 log.info("channel %s (%s) is running", cid, props.type)
@@ -228,6 +232,74 @@ async def run_channel_process(
             transport_nursery.cancel_scope.cancel()
         log.info("channel %s stopped (%s)", cid, shutdown.reason)
         infra.cancel_scope.cancel()
+
+
+def _consumers(
+    spec: ChannelSpec,
+    routing: Routing | None,
+    *,
+    settings: Settings,
+    namespace: Namespace,
+    store: StateStore,
+    broker: Broker,
+    http: httpx.AsyncClient,
+    reporter: StatusReporter,
+    shutdown: Shutdown,
+) -> list[Forwarder | RouterActor]:
+    """Who consumes the channel's inbound messages and events: its forwarder, or its router
+    (plus, in the router's home process, a forwarder per destination)."""
+    if routing is None:
+        props = spec.properties
+        return [
+            Forwarder(
+                broker=broker,
+                store=store,
+                http=http,
+                namespace=namespace,
+                channel_id=spec.channel_id,
+                routes=Routes(
+                    mo_url=props.mo_url,
+                    mo_url_auth_token=props.mo_url_auth_token,
+                    amqp_queue=props.amqp_queue,
+                ),
+                settings=settings,
+                reporter=reporter,
+                shutdown=shutdown,
+            )
+        ]
+    if spec.properties.mo_url is not None or spec.properties.amqp_queue is not None:
+        log.warning(
+            "channel %s is routed by router %s: its own mo_url and amqp_queue are not used",
+            spec.channel_id,
+            routing.router_id,
+        )
+    consumers: list[Forwarder | RouterActor] = [
+        RouterActor(
+            broker=broker,
+            store=store,
+            namespace=namespace,
+            routing=routing,
+            settings=settings,
+            shutdown=shutdown,
+        )
+    ]
+    if routing.home:
+        consumers += [
+            DestinationForwarder(
+                destination=destination,
+                router_id=routing.router_id,
+                outbound_channel=routing.router.outbound_channel(),
+                broker=broker,
+                store=store,
+                http=http,
+                namespace=namespace,
+                settings=settings,
+                reporter=reporter,
+                shutdown=shutdown,
+            )
+            for destination in routing.destinations.values()
+        ]
+    return consumers
 
 
 async def _run_transport(

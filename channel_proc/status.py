@@ -1,7 +1,9 @@
 """The status actor: sole owner of the channel's component statuses.
 
 It records each reported status, writes the latest per component to the store,
-POSTs each to the channel's status_url, and answers status queries.
+POSTs each to the channel's status_url, and answers status queries. While the store
+cannot be written it reports the `store` component down, keeps the latest statuses and
+writes them once the store is back.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import trio
 
 from channel_proc.backoff import Backoff
 from channel_proc.events import JsonObject, StatusMail, StatusQuery, StatusReported
+from channel_proc.transports.base import StatusLevel
 from channel_proc.webhook import WebhookError, WebhookTarget, post_json, safe_url
+from ipc.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
     import httpx
@@ -29,6 +33,10 @@ POST_BACKLOG: Final = 100
 POST_ATTEMPTS: Final = 3
 #: The mailbox is large because `StatusReporter.report` never waits.
 MAILBOX_SIZE: Final = 256
+#: The component under which the actor reports the state store itself.
+STORE_COMPONENT: Final = "store"
+#: Longest wait between attempts to write statuses while the store is unavailable.
+STORE_RETRY_CAP: Final = 5.0
 
 
 class _Wakeup:
@@ -70,14 +78,51 @@ async def run_status_actor(
     unstored: dict[str, JsonObject] = {}
     unposted: deque[JsonObject] = deque()
     store_wakeup, post_wakeup = _Wakeup(), _Wakeup()
+    target = _status_target(status_url)
+
+    def record(report: StatusReported, *, store_it: bool = True) -> None:
+        entry = status_record(channel_id, report)
+        components[report.component] = entry
+        if store_it:
+            unstored[report.component] = entry
+            store_wakeup.set()
+        if target is not None:
+            if len(unposted) >= POST_BACKLOG:
+                dropped = unposted.popleft()
+                log.warning(
+                    "status_url backlog full; not posting %s status %s",
+                    dropped["component"],
+                    dropped["type"],
+                )
+            unposted.append(entry)
+            post_wakeup.set()
 
     async def write_to_store() -> None:
+        retry = Backoff(initial=0.2, cap=STORE_RETRY_CAP)
+        down_since: float | None = None
         while True:
             await store_wakeup.wait()
             while unstored:
-                component = next(iter(unstored))
-                record = unstored.pop(component)
-                await store.set_status(channel_id, component, record)
+                component, entry = next(iter(unstored.items()))
+                try:
+                    await store.set_status(channel_id, component, entry)
+                except StoreUnavailableError as exc:
+                    if down_since is None:
+                        down_since = trio.current_time()
+                        log.error("cannot write statuses to the state store: %s", exc)
+                        # Kept in memory only: the store is what is failing.
+                        record(_store_down(exc), store_it=False)
+                    await trio.sleep(retry.next_delay())
+                    continue
+                # A newer status of the component may have arrived during the write.
+                if unstored.get(component) is entry:
+                    del unstored[component]
+                if down_since is not None:
+                    outage = trio.current_time() - down_since
+                    down_since = None
+                    retry.reset()
+                    log.info("the state store is writable again after %.1f s", outage)
+                    record(_store_recovered(outage))
 
     async def post_to_status_url(target: WebhookTarget) -> None:
         while True:
@@ -87,7 +132,6 @@ async def run_status_actor(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write_to_store)
-        target = _status_target(status_url)
         if target is not None:
             nursery.start_soon(post_to_status_url, target)
         task_status.started()
@@ -95,25 +139,32 @@ async def run_status_actor(
             async for mail in mail_recv:
                 match mail:
                     case StatusReported():
-                        record = status_record(channel_id, mail)
-                        components[mail.component] = record
-                        unstored[mail.component] = record
-                        store_wakeup.set()
-                        if target is not None:
-                            if len(unposted) >= POST_BACKLOG:
-                                dropped = unposted.popleft()
-                                log.warning(
-                                    "status_url backlog full; not posting %s status %s",
-                                    dropped["component"],
-                                    dropped["type"],
-                                )
-                            unposted.append(record)
-                            post_wakeup.set()
+                        record(mail)
                     case StatusQuery():
                         # The asker may have given up (cancelled) in the meantime.
                         with contextlib.suppress(trio.BrokenResourceError):
                             mail.reply.send_nowait(dict(components))
         nursery.cancel_scope.cancel()
+
+
+def _store_down(exc: StoreUnavailableError) -> StatusReported:
+    return StatusReported(
+        component=STORE_COMPONENT,
+        level=StatusLevel.DOWN,
+        type="unavailable",
+        message="The state store cannot be written; statuses are kept until it is back",
+        details={"error": str(exc)},
+    )
+
+
+def _store_recovered(outage: float) -> StatusReported:
+    return StatusReported(
+        component=STORE_COMPONENT,
+        level=StatusLevel.OK,
+        type="recovered",
+        message=f"The state store is writable again after {outage:.1f} s",
+        details={"outage_seconds": round(outage, 1)},
+    )
 
 
 def _status_target(status_url: str | None) -> WebhookTarget | None:

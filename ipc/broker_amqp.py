@@ -2,7 +2,9 @@
 
 aiormq runs on its own asyncio loop in a daemon thread (faster than trio-asyncio); trio tasks
 submit coroutines to it and wait without blocking trio. Every library error becomes
-BrokerUnavailableError in `_unavailable`.
+BrokerUnavailableError in `_unavailable`, and so does an operation RabbitMQ does not finish
+within `operation_timeout` (aiormq has no deadlines of its own: a stalled peer, or a broker
+blocking publishers under a resource alarm, would otherwise hang the caller).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 _FAILURES: Final = (AMQPError, PAMQPException, ChannelInvalidStateError, OSError)
 _PUBLISH: Final = "publish"
 _ADMIN: Final = "admin"
+#: Seconds one broker operation (connecting and retrying included) may take.
+OPERATION_TIMEOUT: Final = 10.0
 
 
 def _unavailable(exc: BaseException) -> BrokerUnavailableError:
@@ -324,16 +328,31 @@ class _LoopThread:
 
 
 class AmqpBroker(Broker):
-    def __init__(self, runner: _LoopThread, core: _Core, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(
+        self,
+        runner: _LoopThread,
+        core: _Core,
+        token: trio.lowlevel.TrioToken,
+        *,
+        operation_timeout: float = OPERATION_TIMEOUT,
+    ) -> None:
         self._runner = runner
         self._core = core
         self._token = token
         self._closed = False
+        self.operation_timeout = operation_timeout
 
     @classmethod
-    async def connect(cls, settings: AmqpSettings) -> AmqpBroker:
+    async def connect(
+        cls, settings: AmqpSettings, *, operation_timeout: float = OPERATION_TIMEOUT
+    ) -> AmqpBroker:
         runner = _LoopThread()
-        broker = cls(runner, _Core(_url(settings)), trio.lowlevel.current_trio_token())
+        broker = cls(
+            runner,
+            _Core(_url(settings)),
+            trio.lowlevel.current_trio_token(),
+            operation_timeout=operation_timeout,
+        )
         try:
             await broker._call(broker._core.connect())
         except BaseException:
@@ -352,7 +371,8 @@ class AmqpBroker(Broker):
         Cancellation: cancels the asyncio task; the operation may still have taken effect
         (a cancelled publish may arrive). If it completed anyway, `undo(result)` runs on the
         loop so that nothing is left without an owner. Both decisions are made on the loop
-        thread, so a task finishing just as trio gives up cannot slip between them.
+        thread, so a task finishing just as trio gives up cannot slip between them. Running
+        past `operation_timeout` is handled the same way, then raises BrokerUnavailableError.
         """
         if self._closed:
             coro.close()
@@ -388,12 +408,17 @@ class AmqpBroker(Broker):
                 task.cancel()
 
         loop.call_soon_threadsafe(start)
-        try:
-            await done.wait()
-        except trio.Cancelled:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(abandon)
-            raise
+        with trio.move_on_after(self.operation_timeout) as waiting:
+            try:
+                await done.wait()
+            except trio.Cancelled:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(abandon)
+                raise
+        if waiting.cancelled_caught:
+            raise BrokerUnavailableError(
+                f"RabbitMQ did not answer within {self.operation_timeout:g} s"
+            )
         try:
             return started[0].result()
         except (*_FAILURES, asyncio.CancelledError) as exc:

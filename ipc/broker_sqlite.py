@@ -2,15 +2,20 @@
 
 API workers publish, a channel process consumes. A message is a row; a consumer claims rows,
 `ack` deletes them, and rows claimed by a consumer that went away (kill -9 included) come back.
+A publish rings the doorbells (Unix datagram sockets) of other processes' consumers of its
+queue, so they wake at once; polling remains the fallback when a ring is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import logging
 import os
 import socket
 import sqlite3
+import sys
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -28,12 +33,18 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 #: Seconds a write waits for another process's write lock before BrokerUnavailableError.
 BUSY_TIMEOUT: Final = 5.0
-#: SQLite has no cross-process change notification, so a waiting consumer polls for other
-#: processes' publishes: quickly after traffic, backing off to POLL_MAX when idle.
+#: SQLite has no cross-process change notification. Publishers ring the consumers' doorbells
+#: (below); a waiting consumer also polls, quickly after traffic, backing off to POLL_MAX when
+#: idle, which bounds the delay when a ring is lost (or doorbells are unavailable).
 POLL_MIN: Final = 0.005
 POLL_MAX: Final = 0.1
+#: Doorbells are Unix datagram sockets in Linux's abstract namespace: no path-length limit,
+#: nothing left on disk by a killed process, and a missing one refuses at once.
+DOORBELLS_AVAILABLE: Final = sys.platform == "linux"
 #: A waiting consumer refreshes its heartbeat (and reclaims dead consumers' rows) this often.
 HEARTBEAT_INTERVAL: Final = 5.0
 #: A consumer whose heartbeat is older than this is presumed dead even if its pid exists
@@ -59,6 +70,7 @@ CREATE TABLE IF NOT EXISTS consumers (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL, heartbeat REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS consumers_queue ON consumers (queue);
 """
 
 
@@ -83,7 +95,12 @@ def _declare(conn: sqlite3.Connection, queue: str, max_priority: int) -> None:
     )
 
 
-def _insert(conn: sqlite3.Connection, queue: str, body: bytes, priority: int) -> None:
+def _consumers_of(conn: sqlite3.Connection, queue: str) -> list[int]:
+    return [row[0] for row in conn.execute("SELECT id FROM consumers WHERE queue = ?", (queue,))]
+
+
+def _insert(conn: sqlite3.Connection, queue: str, body: bytes, priority: int) -> list[int]:
+    """Enqueue; returns the queue's registered consumers (whose doorbells to ring)."""
     _declare(conn, queue, 0)
     # Priorities are clamped to the queue's max_priority, as RabbitMQ does (0 when undeclared).
     conn.execute(
@@ -91,6 +108,7 @@ def _insert(conn: sqlite3.Connection, queue: str, body: bytes, priority: int) ->
         "(?, MIN(MAX(?, 0), (SELECT max_priority FROM queues WHERE name = ?)), ?)",
         (queue, priority, queue, body),
     )
+    return _consumers_of(conn, queue)
 
 
 def _has_ready(conn: sqlite3.Connection, queue: str) -> bool:
@@ -126,6 +144,15 @@ def _settle(conn: sqlite3.Connection, consumer: int, tag: int, *, requeue: bool)
 def _release(conn: sqlite3.Connection, consumer: int) -> None:
     conn.execute("UPDATE messages SET consumer = NULL WHERE consumer = ?", (consumer,))
     conn.execute("DELETE FROM consumers WHERE id = ?", (consumer,))
+
+
+def _leave(conn: sqlite3.Connection, consumer: int, queue: str) -> list[int]:
+    """Release a consumer's rows and unregister it; returns the queue's other consumers."""
+    released = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM messages WHERE consumer = ?)", (consumer,)
+    ).fetchone()[0]
+    _release(conn, consumer)
+    return _consumers_of(conn, queue) if released else []
 
 
 def _reclaim_dead(conn: sqlite3.Connection) -> int:
@@ -176,41 +203,135 @@ class _Write:
 
 @dataclass(slots=True)
 class _Arrivals:
-    """Per-queue events that wake this process's consumers when it publishes or releases."""
+    """Wakes this broker's consumers when it publishes or releases rows of their queue.
 
-    events: dict[str, trio.Event] = field(default_factory=dict)
+    A consumer notes the queue's generation before it claims and waits only if it is
+    unchanged, so a publish made while it was claiming is never slept through.
+    """
 
-    def event(self, queue: str) -> trio.Event:
-        return self.events.setdefault(queue, trio.Event())
+    generations: dict[str, int] = field(default_factory=dict)
+    #: The wait scopes of consumers idle on each queue; a notify cancels them.
+    waiting: dict[str, set[trio.CancelScope]] = field(default_factory=dict)
+
+    def generation(self, queue: str) -> int:
+        return self.generations.get(queue, 0)
 
     def notify(self, queue: str) -> None:
-        event = self.events.pop(queue, None)
-        if event is not None:
-            event.set()
+        self.generations[queue] = self.generation(queue) + 1
+        for scope in self.waiting.get(queue, ()):
+            scope.cancel()
 
     def notify_all(self) -> None:
-        for queue in list(self.events):
+        for queue in set(self.generations) | set(self.waiting):
             self.notify(queue)
+
+
+def _doorbell_prefix(path: Path) -> str:
+    """Addresses of a queue file's doorbells: one per consumer id (unique within the file)."""
+    digest = hashlib.blake2b(os.fsencode(os.path.realpath(path)), digest_size=12).hexdigest()
+    return f"\0junebug-bell/{digest}/"
+
+
+class _Doorbell:
+    """A consumer's datagram socket: any byte received means "look at the queue again"."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    @classmethod
+    def open(cls, address: str) -> _Doorbell | None:
+        """Bind the doorbell; None (the consumer only polls) when that is not possible."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            log.debug("no doorbell at %r (polling only): %s", address, exc)
+            return None
+        return cls(sock)
+
+    def drain(self) -> None:
+        """Forget the rings so far (called before looking at the queue)."""
+        with contextlib.suppress(BlockingIOError):
+            while self._sock.recv(64):
+                pass
+
+    async def wait(self) -> None:
+        await trio.lowlevel.wait_readable(self._sock)
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+
+class _Ringer:
+    """Rings other consumers' doorbells; never blocks and never fails the caller."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+
+    def ring(self, consumer_ids: list[int]) -> None:
+        for consumer_id in consumer_ids:
+            # Refused: that consumer is gone (or has no doorbell); would block: its doorbell
+            # already holds unread rings. Either way polling covers it, so errors are ignored.
+            with contextlib.suppress(OSError):
+                self._sock.sendto(b"\1", self._prefix + str(consumer_id))
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 class SqliteBroker(Broker):
     """One connection per broker, used by one worker thread at a time (under `_lock`)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        doorbell_prefix: str | None = None,
+        poll_min: float = POLL_MIN,
+        poll_max: float = POLL_MAX,
+    ) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._lock = trio.Lock()
         self._pending: list[_Write] = []
         self._arrivals = _Arrivals()
+        self.poll_min = poll_min
+        self.poll_max = max(poll_max, poll_min)
+        self._doorbell_prefix = doorbell_prefix
+        self._ringer = _Ringer(doorbell_prefix) if doorbell_prefix is not None else None
+        #: This broker's consumers: woken by `_arrivals`, so never rung.
+        self._own: set[int] = set()
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteBroker:
+    async def open(
+        cls,
+        path: Path,
+        *,
+        doorbells: bool = True,
+        poll_min: float = POLL_MIN,
+        poll_max: float = POLL_MAX,
+    ) -> SqliteBroker:
+        """Open (creating it if needed) the queue file.
+
+        doorbells=False leaves cross-process wake-ups to polling alone. A waiting consumer
+        looks at its queue after `poll_min` seconds, doubling up to `poll_max` while idle.
+        """
         try:
             conn = await trio.to_thread.run_sync(_connect, path)
         except (OSError, sqlite3.Error) as exc:
             raise BrokerUnavailableError(
                 f"cannot open the embedded queue at {path}: {exc}"
             ) from exc
-        return cls(conn)
+        prefix = _doorbell_prefix(path) if doorbells and DOORBELLS_AVAILABLE else None
+        return cls(conn, doorbell_prefix=prefix, poll_min=poll_min, poll_max=poll_max)
+
+    def _ring(self, consumer_ids: list[int]) -> None:
+        if self._ringer is not None:
+            self._ringer.ring([cid for cid in consumer_ids if cid not in self._own])
 
     # --- database access ----------------------------------------------------------------
 
@@ -261,8 +382,11 @@ class SqliteBroker(Broker):
         await self._write(functools.partial(_declare, queue=queue, max_priority=max_priority))
 
     async def publish(self, queue: str, body: bytes, *, priority: int = 0) -> None:
-        await self._write(functools.partial(_insert, queue=queue, body=body, priority=priority))
+        consumers = await self._write(
+            functools.partial(_insert, queue=queue, body=body, priority=priority)
+        )
         self._arrivals.notify(queue)
+        self._ring(consumers)
 
     @asynccontextmanager
     async def consume(self, queue: str, *, prefetch: int) -> AsyncIterator[Consumer]:
@@ -273,17 +397,27 @@ class SqliteBroker(Broker):
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         consumer_id, dead = await self._write(functools.partial(_open_consumer, queue=queue))
+        self._own.add(consumer_id)
         if dead:
             self._arrivals.notify_all()
-        consumer = _SqliteConsumer(self, consumer_id, queue, prefetch)
+        doorbell = None
+        if self._doorbell_prefix is not None:
+            doorbell = _Doorbell.open(self._doorbell_prefix + str(consumer_id))
+        consumer = _SqliteConsumer(self, consumer_id, queue, prefetch, doorbell)
         try:
             yield consumer
         finally:
             consumer.closed = True
+            if doorbell is not None:
+                doorbell.close()
             # A failed release is recovered by others once our heartbeat goes stale.
             with trio.move_on_after(2, shield=True), contextlib.suppress(BrokerUnavailableError):
-                await self._write(functools.partial(_release, consumer=consumer_id), durable=False)
+                others = await self._write(
+                    functools.partial(_leave, consumer=consumer_id, queue=queue), durable=False
+                )
                 self._arrivals.notify(queue)
+                self._ring(others)
+            self._own.discard(consumer_id)
 
     async def queue_length(self, queue: str) -> int:
         def count(conn: sqlite3.Connection) -> int:
@@ -309,6 +443,9 @@ class SqliteBroker(Broker):
             conn, self._conn = self._conn, None
             if conn is not None:
                 await trio.to_thread.run_sync(conn.close)
+            if self._ringer is not None:
+                self._ringer.close()
+                self._ringer = None
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -362,11 +499,19 @@ def _commit(conn: sqlite3.Connection, batch: list[_Write]) -> None:
 
 
 class _SqliteConsumer(Consumer):
-    def __init__(self, broker: SqliteBroker, consumer_id: int, queue: str, prefetch: int) -> None:
+    def __init__(
+        self,
+        broker: SqliteBroker,
+        consumer_id: int,
+        queue: str,
+        prefetch: int,
+        doorbell: _Doorbell | None,
+    ) -> None:
         self._broker = broker
         self._id = consumer_id
         self._queue = queue
         self._prefetch = prefetch
+        self._doorbell = doorbell
         self._buffer: deque[Delivery] = deque()
         #: Claimed and not yet acked/nacked, buffered ones included: at most `prefetch`.
         self._unacked: set[int] = set()
@@ -376,7 +521,7 @@ class _SqliteConsumer(Consumer):
         self.closed = False
 
     async def receive(self) -> Delivery:
-        interval = POLL_MIN
+        interval = self._broker.poll_min
         polled = False
         while True:
             if self.closed:
@@ -389,14 +534,42 @@ class _SqliteConsumer(Consumer):
                 with trio.move_on_after(HEARTBEAT_INTERVAL):
                     await settled.wait()
                 continue
-            arrived = self._broker._arrivals.event(self._queue)
+            seen = self._broker._arrivals.generation(self._queue)
+            if self._doorbell is not None:
+                # Before the claim: a ring for a publish the claim misses stays unread.
+                self._doorbell.drain()
             if await self._claim(check_first=polled):
-                interval, polled = POLL_MIN, False
+                interval, polled = self._broker.poll_min, False
                 continue
-            with trio.move_on_after(interval) as waiting:
-                await arrived.wait()
-            polled = waiting.cancelled_caught
-            interval = min(interval * 2, POLL_MAX) if polled else POLL_MIN
+            polled = not await self._wait_for_arrival(seen, interval)
+            interval = self._next_interval(interval, polled=polled)
+
+    def _next_interval(self, interval: float, *, polled: bool) -> float:
+        """Back off while polling finds nothing; start over once woken."""
+        broker = self._broker
+        return min(interval * 2, broker.poll_max) if polled else broker.poll_min
+
+    async def _wait_for_arrival(self, seen: int, interval: float) -> bool:
+        """Wait for a publish (ours, or a ring from another process) or `interval` seconds.
+
+        True when something arrived; False when the time ran out (the caller polls).
+        """
+        arrivals = self._broker._arrivals
+        if arrivals.generation(self._queue) != seen:
+            return True
+        with trio.move_on_after(interval) as scope:
+            waiting = arrivals.waiting.setdefault(self._queue, set())
+            waiting.add(scope)
+            try:
+                if self._doorbell is None:
+                    await trio.sleep_forever()
+                await self._doorbell.wait()
+            finally:
+                waiting.discard(scope)
+                if not waiting:
+                    del arrivals.waiting[self._queue]
+            return True
+        return arrivals.generation(self._queue) != seen
 
     async def _claim(self, *, check_first: bool) -> bool:
         async with self._claiming:

@@ -124,11 +124,29 @@ class ChildrenReply(_Msg):
     children: list[ChildInfo]
 
 
+#: In a router type's `config` schema, a top-level property carrying this keyword (true) names
+#: a channel the router routes (a channel id, or a list of them). The API enforces one router
+#: per channel with it; the channel process runs the router of the channel it finds named.
+ROUTER_CHANNEL_KEYWORD = "x-junebug-channel"
+#: In a destination `config` schema, a boolean property carrying this keyword (true) marks the
+#: router's default destination: at most one destination of a router may set it.
+ROUTER_DEFAULT_KEYWORD = "x-junebug-default"
+
+
+class RouterSchemas(_Msg):
+    """What the API needs to validate a router type's bodies (JSON Schema, draft 2020-12)."""
+
+    config: dict[str, Any]
+    destination_config: dict[str, Any]
+
+
 class CatalogReply(_Msg):
     type: Literal["catalog"] = "catalog"
     id: int
     #: channel type -> JSON Schema (draft 2020-12, from pydantic) of its `config` object.
     config_schemas: dict[str, dict[str, Any]]
+    #: router type -> its schemas. Defaulted so that a sender without routers still validates.
+    router_schemas: dict[str, RouterSchemas] = Field(default_factory=dict)
 
 
 class StatusReply(_Msg):

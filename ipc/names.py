@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 ChannelId = NewType("ChannelId", str)
 MessageId = NewType("MessageId", str)
+RouterId = NewType("RouterId", str)
+DestinationId = NewType("DestinationId", str)
 
 #: The AMQP exchange vumi and Junebug use for every queue.
 EXCHANGE = "vumi"
@@ -24,6 +26,25 @@ EXCHANGE = "vumi"
 def new_channel_id() -> ChannelId:
     """Channel ids are uuid4 strings with hyphens, as the original."""
     return ChannelId(str(uuid.uuid4()))
+
+
+def new_router_id() -> RouterId:
+    """Router ids are uuid4 strings with hyphens, like channel ids."""
+    return RouterId(str(uuid.uuid4()))
+
+
+def new_destination_id() -> DestinationId:
+    return DestinationId(str(uuid.uuid4()))
+
+
+#: Keyed-record scope of the routers: key = router id, value = {"properties", "channels"}.
+ROUTERS_SCOPE = "routers"
+
+
+def destinations_scope(router_id: str) -> str:
+    """Keyed-record scope of a router's destinations (key = destination id). It starts with
+    "{router_id}:", so the store's delete_channel(router_id) removes it with the router."""
+    return f"{router_id}:destinations"
 
 
 def new_message_id() -> MessageId:
@@ -52,6 +73,10 @@ class Namespace:
 
     def event_queue(self, channel_id: str) -> str:
         return self.queue(f"{channel_id}.event")
+
+    def dead_letter_queue(self, owner_id: str) -> str:
+        """Where a channel's (or a router destination's) undeliverable messages are kept."""
+        return self.queue(f"{owner_id}.dead")
 
     def channel_queues(self, channel_id: str) -> tuple[str, str, str]:
         return (

@@ -24,11 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Accepted for compatibility, but the feature is planned for a later issue.
-NOT_IMPLEMENTED = {
-    "routers": "issue #5: routers and destinations",
-    "replace_routers": "issue #5: routers and destinations",
-}
+#: Settings accepted for compatibility whose feature is planned for a later issue
+#: (setting -> issue); each one set gives a warning at startup.
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 _TRUE = frozenset({"true", "yes", "y", "on", "1", "t"})
 _FALSE = frozenset({"false", "no", "n", "off", "0", "f"})
@@ -161,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_mapping_item,
         action="append",
         metavar="TYPE:MODULE:CLASS",
-        help="add a router type (not implemented yet)",
+        help="add a router type (repeatable)",
     )
     add(
         "--replace-routers",
@@ -170,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         metavar="BOOL",
-        help="use only the given router types (not implemented yet)",
+        help="use only --routers / `routers`, not the built-in types",
     )
     add(
         "-pl",

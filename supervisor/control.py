@@ -32,6 +32,7 @@ from supervisor.spec import channel_spec
 from supervisor.tree import ShuttingDownError
 
 if TYPE_CHECKING:
+    from ipc.messages import RouterSchemas
     from ipc.settings import Settings
     from ipc.state import StateStore
     from supervisor.child import HelloBoard
@@ -54,6 +55,7 @@ class ControlHandler:
         commands: Commands,
         policy: RestartPolicy,
         catalog: dict[str, dict[str, Any]],
+        router_catalog: dict[str, RouterSchemas] | None = None,
     ) -> None:
         self._tree = tree
         self._store = store
@@ -62,6 +64,7 @@ class ControlHandler:
         self._commands = commands
         self._policy = policy
         self._catalog = catalog
+        self._router_catalog = router_catalog or {}
 
     async def connected(self, peer: Hello) -> None:
         self._board.arrived(peer)
@@ -81,7 +84,11 @@ class ControlHandler:
             case ListChildren():
                 return ChildrenReply(id=request.id, children=self._tree.children())
             case GetCatalog():
-                return CatalogReply(id=request.id, config_schemas=self._catalog)
+                return CatalogReply(
+                    id=request.id,
+                    config_schemas=self._catalog,
+                    router_schemas=self._router_catalog,
+                )
             case Ping():
                 return Ok(id=request.id)
             case GetStatus() | Drain():

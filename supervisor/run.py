@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
+from pydantic import TypeAdapter, ValidationError
 
 from ipc import exit_codes
 from ipc.errors import StoreUnavailableError
-from ipc.messages import Role
+from ipc.messages import Role, RouterSchemas
 from ipc.names import Namespace, channel_socket, new_channel_id, supervisor_socket
 from ipc.server import serve_ipc
 from ipc.settings import SETTINGS_ENV
@@ -141,12 +142,52 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def load_catalog(argv: Sequence[str], env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Run `channel_proc describe` once: {channel type: JSON Schema of its config}."""
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The channel and router types the children can run (from `channel_proc describe`)."""
+
+    #: channel type -> JSON Schema of its config.
+    channels: dict[str, dict[str, Any]]
+    #: router type -> RouterSchemas (config, destination_config).
+    routers: dict[str, RouterSchemas]
+
+
+def parse_catalog(document: object) -> Catalog:
+    """`describe --format 2` output ({format: 2, channels, routers}), or the format-1
+    {channel type: schema} of a describe command that knows no routers.
+
+    Raises:
+        BootError: neither shape.
+    """
+    if isinstance(document, dict) and document.get("format") == 2:
+        channels, routers = document.get("channels"), document.get("routers")
+    else:
+        channels, routers = document, {}
+    if not isinstance(channels, dict) or not all(isinstance(v, dict) for v in channels.values()):
+        raise BootError(exit_codes.EXIT_SOFTWARE, "channel type catalog is not {type: schema}")
+    try:
+        parsed = _ROUTER_CATALOG.validate_python(routers)
+    except ValidationError as exc:
+        raise BootError(
+            exit_codes.EXIT_SOFTWARE,
+            f"router type catalog is not {{type: {{config, destination_config}}}}: {exc}",
+        ) from exc
+    return Catalog(channels=channels, routers=parsed)
+
+
+_ROUTER_CATALOG: TypeAdapter[dict[str, RouterSchemas]] = TypeAdapter(dict[str, RouterSchemas])
+
+
+async def load_catalog(argv: Sequence[str], env: dict[str, str]) -> Catalog:
+    """Run `channel_proc describe --format 2` once: the channel and router types."""
     try:
         with trio.fail_after(CATALOG_TIMEOUT):
             result = await trio.run_process(
-                list(argv), capture_stdout=True, capture_stderr=True, check=False, env=env
+                [*argv, "--format", "2"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=env,
             )
     except OSError as exc:
         raise BootError(exit_codes.EXIT_SOFTWARE, f"cannot run {argv[0]}: {exc}") from exc
@@ -156,19 +197,17 @@ async def load_catalog(argv: Sequence[str], env: dict[str, str]) -> dict[str, di
         ) from exc
     stderr = _last_line(result.stderr)
     if result.returncode == exit_codes.EXIT_CONFIG:
-        raise BootError(exit_codes.EXIT_CONFIG, f"channel types: {stderr}")
+        raise BootError(exit_codes.EXIT_CONFIG, f"channel or router types: {stderr}")
     if result.returncode != 0:
         why = exit_codes.describe(result.returncode)
         raise BootError(exit_codes.EXIT_SOFTWARE, f"channel type catalog {why}: {stderr}")
     try:
-        catalog = json.loads(result.stdout)
+        document = json.loads(result.stdout)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BootError(
             exit_codes.EXIT_SOFTWARE, f"channel type catalog is not JSON: {exc}"
         ) from exc
-    if not isinstance(catalog, dict) or not all(isinstance(v, dict) for v in catalog.values()):
-        raise BootError(exit_codes.EXIT_SOFTWARE, "channel type catalog is not {type: schema}")
-    return catalog
+    return parse_catalog(document)
 
 
 def _last_line(output: bytes) -> str:
@@ -226,7 +265,8 @@ class _Boot:
 
     async def run(self, task_status: trio.TaskStatus[Running]) -> int:
         catalog = await load_catalog(self.commands.describe, self.env)
-        log.info("channel types: %s", ", ".join(sorted(catalog)) or "none")
+        log.info("channel types: %s", ", ".join(sorted(catalog.channels)) or "none")
+        log.info("router types: %s", ", ".join(sorted(catalog.routers)) or "none")
         try:
             plugins = load_plugins(self.settings.plugins)
         except PluginLoadError as exc:
@@ -248,7 +288,7 @@ class _Boot:
     async def _serve(
         self,
         store: StateStore,
-        catalog: dict[str, dict[str, Any]],
+        catalog: Catalog,
         plugins: PluginHost,
         sock: socket.socket,
         task_status: trio.TaskStatus[Running],
@@ -273,7 +313,8 @@ class _Boot:
                     settings=self.settings,
                     commands=self.commands,
                     policy=self.policy,
-                    catalog=catalog,
+                    catalog=catalog.channels,
+                    router_catalog=catalog.routers,
                 )
                 path = supervisor_socket(self.run_dir)
                 try:

@@ -2,9 +2,10 @@
 
 Each child's loop restarts it after abnormal exits within its RestartBudget, waiting a
 capped, jittered delay; exit 78 marks it failed at once; an exhausted budget marks it
-failed and retries it slowly. Channel children's state is written to the state store, and
-a ChildListener (the plugins) hears when each started child is first ready and when it
-is stopped.
+failed and retries it slowly. Exit 69 (store or broker unavailable) is not the child's
+fault: it is retried with the capped delay for as long as it lasts, outside the budget.
+Channel children's state is written to the state store, and a ChildListener (the plugins)
+hears when each started child is first ready and when it is stopped.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class _Child:
     first_exit: ChildExit | None = None
     #: The listener was told it is ready (so it must be told it stopped).
     announced: bool = False
+    #: Exits 69 in a row (store or broker unavailable); reset once it is ready again.
+    unavailable: int = 0
 
     def first_result(self, exit: ChildExit | None) -> None:
         if not self.first_done.is_set():
@@ -204,6 +207,8 @@ class ChildTree:
             elif spec.restart is Restart.TEMPORARY or (clean and spec.restart is Restart.TRANSIENT):
                 self._settle(child, ChildState.STOPPED, exit)
                 return
+            elif exit.code == exit_codes.EXIT_UNAVAILABLE and not exit.timed_out:
+                await trio.sleep(await self._wait_for_backend(child, exit))
             elif child.budget.allow():
                 await trio.sleep(await self._back_off(child, exit))
             else:
@@ -221,6 +226,22 @@ class ChildTree:
         spec = child.spec
         log.warning("%s %s; restarting in %.1f s", spec.id, exit.reason, delay, extra=_extra(spec))
         await self._report(child, "crashed", exit, f"; restarting in {delay:.1f} s")
+        self._settle(child, ChildState.BACKOFF, exit)
+        return delay
+
+    async def _wait_for_backend(self, child: _Child, exit: ChildExit) -> float:
+        """Record a restart the budget does not count; returns the delay before it.
+
+        The store or broker being down says nothing about the child, and giving up on it
+        (minutes before the slow retry) would keep it down long after they are back.
+        """
+        child.restarts += 1
+        child.unavailable += 1
+        policy = self._policy
+        delay = restart_delay(child.unavailable, base=policy.delay_base, cap=policy.delay_cap)
+        spec = child.spec
+        log.warning("%s %s; retrying in %.1f s", spec.id, exit.reason, delay, extra=_extra(spec))
+        await self._report(child, "unavailable", exit, f"; retrying in {delay:.1f} s")
         self._settle(child, ChildState.BACKOFF, exit)
         return delay
 
@@ -260,6 +281,7 @@ class ChildTree:
                 return exc.exit
             child.pid = handle.pid
             child.reason = None
+            child.unavailable = 0
             await self._report_running(child)
             child.state = ChildState.RUNNING
             if not child.announced and self._listener is not None:

@@ -87,6 +87,13 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
+def require_prosody() -> None:
+    """Raise RuntimeError with the install command unless prosody and openssl are installed
+    (call it from a fixture: the tests then ERROR, they are not skipped)."""
+    for program in ("prosody", "prosodyctl", "openssl"):
+        _require(program)
+
+
 def _require(program: str) -> str:
     path = shutil.which(program)
     if path is None:

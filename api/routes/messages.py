@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint
@@ -18,6 +19,7 @@ from api.outbound import (
     priority_of,
     reply_message,
 )
+from api.routers import router_of_channel
 from api.routes.body import read_body
 from api.routes.channels import load_channel
 from api.schemas import MESSAGE_SEND_VALIDATOR
@@ -40,24 +42,48 @@ blueprint = Blueprint("messages", __name__)
 _NO_DESTINATION = 'This channel has no "mo_url" or "amqp_queue"'
 
 
-async def _channel_with_destination(channel_id: str) -> JsonObject:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendTarget:
+    """Where a send goes and who else it concerns: the channel endpoint sends for the channel;
+    a destination endpoint sends for the destination, through its router's channel."""
+
+    channel_id: str
+    #: Where `reply_to` is looked up, in order.
+    reply_owners: tuple[str, ...]
+    #: Every limit the content must fit (None: no limit).
+    character_limits: tuple[object, ...]
+    #: Added to the stored outbound record (who sent it, so its events go back there).
+    record_extra: JsonObject = field(default_factory=dict)
+    #: Besides the channel, who keeps a copy of the outbound record (message status).
+    record_owners: tuple[str, ...] = ()
+    #: Besides the channel, whose outbound rate counts the send.
+    rate_owners: tuple[str, ...] = ()
+
+
+async def _channel_with_destination(channel_id: str) -> tuple[JsonObject, str | None]:
+    """The channel's properties and the router routing it (a routed channel has no
+    destination of its own but can still be sent through)."""
     properties = await load_channel(channel_id)
-    if not has_destination(properties):
+    if has_destination(properties):
+        return properties, None
+    router_id = await router_of_channel(state_store(), channel_id)
+    if router_id is None:
         raise ApiUsageError(_NO_DESTINATION)
-    return properties
+    return properties, router_id
 
 
-async def _build_message(context: ApiContext, channel_id: str, body: JsonObject) -> VumiMessage:
+async def _build_message(context: ApiContext, target: SendTarget, body: JsonObject) -> VumiMessage:
     reply_to = body.get("reply_to")
     if reply_to is None:
-        return plain_message(channel_id, body)
-    inbound = await state_store().get_inbound(
-        channel_id, reply_to, context.settings.inbound_message_ttl
-    )
-    if inbound is not None:
-        return reply_message(channel_id, body, VumiMessage.model_validate(inbound))
+        return plain_message(target.channel_id, body)
+    for owner in target.reply_owners:
+        inbound = await state_store().get_inbound(
+            owner, reply_to, context.settings.inbound_message_ttl
+        )
+        if inbound is not None:
+            return reply_message(target.channel_id, body, VumiMessage.model_validate(inbound))
     if context.settings.allow_expired_replies and body.get("to"):
-        return plain_message(channel_id, body)
+        return plain_message(target.channel_id, body)
     raise MessageNotFoundError(f"Inbound message with id {reply_to} not found")
 
 
@@ -72,62 +98,81 @@ async def _publish(
     await broker.publish(queue, encode_payload(message), priority=priority)
 
 
-async def _count_outbound(context: ApiContext, channel_id: str) -> None:
+async def _count_outbound(context: ApiContext, owner_id: str) -> None:
     window = context.settings.metric_window
     try:
         await state_store().incr_rate(
-            channel_id, "outbound", current_bucket(window), math.ceil(2 * window)
+            owner_id, "outbound", current_bucket(window), math.ceil(2 * window)
         )
     except StoreUnavailableError as exc:
         # The message is already queued; failing the request now would invite a duplicate.
-        log.warning("outbound rate of channel %s not counted: %s", channel_id, exc)
+        log.warning("outbound rate of %s not counted: %s", owner_id, exc)
+
+
+def check_addressed(body: JsonObject) -> None:
+    if "to" not in body and "reply_to" not in body:
+        raise ApiUsageError('Either "to" or "reply_to" must be specified')
+
+
+async def submit_message(context: ApiContext, target: SendTarget, body: JsonObject) -> JsonObject:
+    """Build, check, record and queue one send (behaviour 4); the API message object."""
+    message = await _build_message(context, target, body)
+    for limit in target.character_limits:
+        check_character_limit(message.content, limit)
+    priority = priority_of(body)
+    channel_id = target.channel_id
+    result = api_message(message, channel_id)
+    record = {**outbound_record(body, result, priority), **target.record_extra}
+    ttl = context.settings.outbound_message_ttl
+    # Every copy is written before the message is queued: its first event may be quick.
+    for owner in (channel_id, *target.record_owners):
+        await state_store().put_outbound(owner, message.message_id, record, ttl)
+    await _publish(context, channel_id, message, priority)
+    for owner in (channel_id, *target.rate_owners):
+        await _count_outbound(context, owner)
+    log.debug(
+        "message queued",
+        extra={"channel_id": channel_id, "msg_id": message.message_id, "priority": priority},
+    )
+    return result
+
+
+async def message_status_result(context: ApiContext, owner_id: str, message_id: str) -> JsonObject:
+    """A sent message's events as recorded under `owner_id` (a channel or a destination)."""
+    record = await state_store().get_outbound(
+        owner_id, message_id, context.settings.outbound_message_ttl
+    )
+    stored = record.events if record is not None else []
+    events = [api_event(VumiEvent.model_validate(event), owner_id) for event in stored]
+    # Stable: events with equal timestamps keep the order they were stored in.
+    events.sort(key=lambda event: event["timestamp"])
+    last = events[-1] if events else None
+    return {
+        "id": message_id,
+        "last_event_type": last["event_type"] if last else None,
+        "last_event_timestamp": last["timestamp"] if last else None,
+        "events": events,
+    }
 
 
 @blueprint.post("/channels/<channel_id>/messages/")
 async def send_message(channel_id: str) -> Response:
     context = api_context()
     body = await read_body(MESSAGE_SEND_VALIDATOR)
-    properties = await _channel_with_destination(channel_id)
-    if "to" not in body and "reply_to" not in body:
-        raise ApiUsageError('Either "to" or "reply_to" must be specified')
-    message = await _build_message(context, channel_id, body)
-    check_character_limit(message.content, properties.get("character_limit"))
-    priority = priority_of(body)
-    result = api_message(message, channel_id)
-    await state_store().put_outbound(
-        channel_id,
-        message.message_id,
-        outbound_record(body, result, priority),
-        context.settings.outbound_message_ttl,
+    properties, router_id = await _channel_with_destination(channel_id)
+    check_addressed(body)
+    target = SendTarget(
+        channel_id=channel_id,
+        reply_owners=(channel_id,),
+        character_limits=(properties.get("character_limit"),),
+        rate_owners=(router_id,) if router_id is not None else (),
     )
-    await _publish(context, channel_id, message, priority)
-    await _count_outbound(context, channel_id)
-    log.debug(
-        "message queued",
-        extra={"channel_id": channel_id, "msg_id": message.message_id, "priority": priority},
-    )
-    return envelope(201, "message submitted", result)
+    return envelope(201, "message submitted", await submit_message(context, target, body))
 
 
 @blueprint.get("/channels/<channel_id>/messages/<message_id>")
 async def message_status(channel_id: str, message_id: str) -> Response:
     context = api_context()
     await _channel_with_destination(channel_id)
-    record = await state_store().get_outbound(
-        channel_id, message_id, context.settings.outbound_message_ttl
-    )
-    stored = record.events if record is not None else []
-    events = [api_event(VumiEvent.model_validate(event), channel_id) for event in stored]
-    # Stable: events with equal timestamps keep the order they were stored in.
-    events.sort(key=lambda event: event["timestamp"])
-    last = events[-1] if events else None
-    return envelope(
-        200,
-        "message status",
-        {
-            "id": message_id,
-            "last_event_type": last["event_type"] if last else None,
-            "last_event_timestamp": last["timestamp"] if last else None,
-            "events": events,
-        },
-    )
+    result = await message_status_result(context, channel_id, message_id)
+    return envelope(200, "message status", result)

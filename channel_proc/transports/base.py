@@ -116,6 +116,16 @@ class Transport(abc.ABC, Generic[ConfigT]):
         self.config = config
         self.link = link
 
+    @property
+    def max_in_flight(self) -> int:
+        """How many `send` calls the channel may run at once (1: one after the other).
+
+        With more than 1, the calls are made in queue order, each only once the previous
+        call has run up to its first checkpoint; a transport that must keep that order on
+        the wire takes its place in line before its first `await`.
+        """
+        return 1
+
     @abc.abstractmethod
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect or listen, call `task_status.started()`, then pump inbound traffic until

@@ -18,6 +18,7 @@ from api.app import create_app
 from api.deps import EXTENSION_KEY, ApiContext
 from api.main import hypercorn_config
 from api.supervisor_link import SupervisorLink
+from channel_proc.routers import ROUTERS, router_schemas
 from ipc.errors import RemoteError
 from ipc.messages import (
     CatalogReply,
@@ -31,6 +32,7 @@ from ipc.messages import (
     Ping,
     RestartChannel,
     Role,
+    RouterSchemas,
     StartChannel,
     StopChannel,
 )
@@ -69,6 +71,10 @@ FAKE_CONFIG_SCHEMA: JsonObject = {
     "type": "object",
 }
 CATALOG: dict[str, JsonObject] = {"fake": FAKE_CONFIG_SCHEMA, "loose": {"type": "object"}}
+#: The built-in router types, as `channel_proc describe --format 2` describes them.
+ROUTER_CATALOG = {
+    kind: RouterSchemas.model_validate(schemas) for kind, schemas in router_schemas(ROUTERS).items()
+}
 
 
 @dataclass(eq=False)
@@ -107,7 +113,9 @@ class FakeSupervisor:
             case StartChannel() | StopChannel() | RestartChannel():
                 return Ok(id=request.id)
             case GetCatalog():
-                return CatalogReply(id=request.id, config_schemas=CATALOG)
+                return CatalogReply(
+                    id=request.id, config_schemas=CATALOG, router_schemas=ROUTER_CATALOG
+                )
             case ListChildren():
                 return ChildrenReply(id=request.id, children=[])
             case GetStatus() | Drain():

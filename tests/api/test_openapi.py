@@ -127,6 +127,26 @@ async def test_request_bodies_are_the_validation_schemas(http_api: Api) -> None:
         ("/channels/", "post"): "#/components/schemas/ChannelCreate",
         ("/channels/{channel_id}", "post"): "#/components/schemas/ChannelModify",
         ("/channels/{channel_id}/messages/", "post"): "#/components/schemas/MessageSend",
+        ("/routers/", "post"): "#/components/schemas/RouterCreate",
+        ("/routers/{router_id}", "put"): "#/components/schemas/RouterCreate",
+        ("/routers/{router_id}", "patch"): "#/components/schemas/RouterPatch",
+        ("/routers/{router_id}/destinations/", "post"): "#/components/schemas/DestinationCreate",
+        (
+            "/routers/{router_id}/destinations/{destination_id}",
+            "put",
+        ): "#/components/schemas/DestinationCreate",
+        (
+            "/routers/{router_id}/destinations/{destination_id}",
+            "patch",
+        ): "#/components/schemas/DestinationPatch",
+        (
+            "/routers/{router_id}/destinations/{destination_id}/messages/",
+            "post",
+        ): "#/components/schemas/MessageSend",
+        (
+            "/routers/{router_id}/destinations/{destination_id}/messages",
+            "post",
+        ): "#/components/schemas/MessageSend",
     }
 
 

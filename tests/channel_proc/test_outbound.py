@@ -1,13 +1,16 @@
-"""The outbound actor on both backends: real telnet transport and TCP client, or a flaky fake."""
+"""The outbound actor on both backends: real telnet transport and TCP client, a flaky fake,
+a gated fake for the window (sends in flight at once), and the smpp transport + fake SMSC."""
 
 from __future__ import annotations
 
 from collections import deque
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 import trio
+import trio.testing
 from pydantic import BaseModel
 
 from channel_proc.backoff import Backoff
@@ -16,12 +19,14 @@ from channel_proc.lifecycle import Shutdown
 from channel_proc.outbound import OutboundActor
 from channel_proc.transports.base import SendReceipt, Transport
 from channel_proc.transports.errors import ConnectionFailed, ProviderRejected, SendError
+from channel_proc.transports.smpp import SmppConfig, SmppTransport
 from channel_proc.transports.telnet import TelnetConfig, TelnetTransport
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import decode_vumi_event, encode_payload
 from ipc.payloads import EventType, VumiMessage
 from tests.channel_proc.support import WAIT, drain_queue, wait_for, wait_for_length
 from tests.channel_proc.transports.harness import MemoryLink
+from tests.fakes.fake_smsc import SubmitAnswer, open_fake_smsc, smpp_config
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -62,6 +67,8 @@ class FlakyTransport(Transport[FlakyConfig]):
 async def running_outbound(
     broker: Broker, namespace: Namespace, channel_id: str, transport: Transport[Any]
 ) -> AsyncIterator[Shutdown]:
+    """Run the actor for the block; afterwards a stop is requested and in-flight sends get
+    the grace."""
     shutdown = Shutdown(grace=2.0)
     actor = OutboundActor(
         broker=broker,
@@ -79,11 +86,11 @@ async def running_outbound(
 
 
 async def publish_outbound(
-    broker: Broker, namespace: Namespace, channel_id: str, msg: VumiMessage
+    broker: Broker, namespace: Namespace, channel_id: str, msg: VumiMessage, priority: int = 1
 ) -> None:
     queue = namespace.outbound_queue(channel_id)
     await broker.declare_queue(queue, max_priority=MAX_PRIORITY)
-    await broker.publish(queue, encode_payload(msg), priority=1)
+    await broker.publish(queue, encode_payload(msg), priority=priority)
 
 
 async def test_outbound_sends_to_telnet_client_and_acks(
@@ -203,3 +210,206 @@ async def test_shutdown_receive_does_not_hand_out_prefetched_messages_after_stop
         shutdown.request("test")
         assert await shutdown.receive(consumer) is None
     assert await broker.queue_length(queue) == 2
+
+
+# --- the window: several sends in flight ----------------------------------------------------
+
+
+@dataclass(eq=False)
+class GatedCall:
+    """One send call, blocked until the test settles it."""
+
+    content: str
+    outcome: SendError | None = None
+    settled: trio.Event = field(default_factory=trio.Event)
+
+    def settle(self, error: SendError | None = None) -> None:
+        self.outcome = error
+        self.settled.set()
+
+
+class GatedTransport(Transport[FlakyConfig]):
+    """A provider double with a window: every call waits for the test to settle it."""
+
+    kind: ClassVar[str] = "gated"
+    config_type = FlakyConfig
+
+    def __init__(self, window: int) -> None:
+        super().__init__(FlakyConfig(), MemoryLink())
+        self.window = window
+        self.calls: list[GatedCall] = []
+        self.busy = 0
+        self.most_busy = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.window
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def send(self, msg: VumiMessage) -> SendReceipt:
+        # Recorded before the first checkpoint: the order of the calls themselves.
+        call = GatedCall(msg.content or "")
+        self.calls.append(call)
+        self.busy += 1
+        self.most_busy = max(self.most_busy, self.busy)
+        try:
+            await call.settled.wait()
+        finally:
+            self.busy -= 1
+        if call.outcome is not None:
+            raise call.outcome
+        return SendReceipt(provider_message_id=f"p-{call.content}")
+
+    def contents(self) -> list[str]:
+        return [call.content for call in self.calls]
+
+    async def wait_calls(self, count: int) -> list[GatedCall]:
+        """Until `count` calls were made and the actor is idle (no further call is coming)."""
+
+        async def made() -> bool:
+            return len(self.calls) >= count
+
+        with trio.fail_after(WAIT):
+            await wait_for(made)
+        await trio.testing.wait_all_tasks_blocked()
+        return self.calls
+
+
+async def publish_contents(
+    broker: Broker, namespace: Namespace, channel_id: str, contents: list[str]
+) -> dict[str, str]:
+    """Publish one message per content; content -> message id."""
+    ids = {}
+    for content in contents:
+        msg = VumiMessage(to_addr="+27820000001", content=content)
+        await publish_outbound(broker, namespace, channel_id, msg)
+        ids[content] = msg.message_id
+    return ids
+
+
+async def read_events(
+    broker: Broker, namespace: Namespace, channel_id: str, count: int
+) -> list[Any]:
+    return [
+        decode_vumi_event(body)
+        for body in await drain_queue(broker, namespace.event_queue(channel_id), count)
+    ]
+
+
+async def test_window_sends_in_queue_order_and_acks_each_when_done(
+    broker: Broker, namespace: Namespace, channel_id: str
+) -> None:
+    contents = [f"m{n}" for n in range(6)]
+    ids = await publish_contents(broker, namespace, channel_id, contents)
+    transport = GatedTransport(window=3)
+    async with running_outbound(broker, namespace, channel_id, transport):
+        calls = await transport.wait_calls(3)
+        assert transport.contents() == ["m0", "m1", "m2"]
+        # The second finishes first: its outcome is recorded at once, and a slot frees.
+        calls[1].settle(ProviderRejected("no route"))
+        [nack] = await read_events(broker, namespace, channel_id, 1)
+        assert (nack.event_type, nack.user_message_id) == (EventType.NACK, ids["m1"])
+        await transport.wait_calls(4)
+        assert transport.contents() == ["m0", "m1", "m2", "m3"]
+        for call in transport.calls:
+            if not call.settled.is_set():
+                call.settle()
+        await transport.wait_calls(6)
+        for call in transport.calls[4:]:
+            call.settle()
+        acks = await read_events(broker, namespace, channel_id, 5)
+        await wait_for_length(broker, namespace.outbound_queue(channel_id), 0)
+    assert transport.contents() == contents
+    assert transport.most_busy == 3
+    assert {e.user_message_id for e in acks} == {ids[c] for c in contents if c != "m1"}
+    assert all(e.event_type == EventType.ACK for e in acks)
+    assert await broker.queue_length(namespace.outbound_queue(channel_id)) == 0
+
+
+async def test_window_retries_failed_sends_in_order_before_newer_ones(
+    broker: Broker, namespace: Namespace, channel_id: str
+) -> None:
+    contents = [f"m{n}" for n in range(6)]
+    ids = await publish_contents(broker, namespace, channel_id, contents)
+    transport = GatedTransport(window=3)
+    async with running_outbound(broker, namespace, channel_id, transport):
+        calls = await transport.wait_calls(3)
+        calls[2].settle(ConnectionFailed("link down"))
+        calls[1].settle(ConnectionFailed("link down"))
+        await trio.testing.wait_all_tasks_blocked()
+        # Nothing new while a send is still in flight after a failure.
+        assert len(transport.calls) == 3
+        calls[0].settle()
+        # Then the failed ones go again, in queue order, ahead of the rest.
+        calls = await transport.wait_calls(6)
+        assert transport.contents()[3:] == ["m1", "m2", "m3"]
+        calls[3].settle(ConnectionFailed("down again"))
+        calls[4].settle()
+        calls[5].settle()
+        calls = await transport.wait_calls(9)
+        assert transport.contents()[6:] == ["m1", "m4", "m5"]
+        for call in calls[6:]:
+            call.settle()
+        events = await read_events(broker, namespace, channel_id, 6)
+    assert sorted(e.user_message_id for e in events) == sorted(ids.values())
+    assert {e.event_type for e in events} == {EventType.ACK}
+    assert await broker.queue_length(namespace.outbound_queue(channel_id)) == 0
+
+
+async def test_window_respects_priorities_at_the_queue(
+    broker: Broker, namespace: Namespace, channel_id: str
+) -> None:
+    for n in range(3):
+        await publish_outbound(broker, namespace, channel_id, VumiMessage(content=f"low{n}"))
+    await publish_outbound(broker, namespace, channel_id, VumiMessage(content="high"), priority=5)
+    transport = GatedTransport(window=2)
+    async with running_outbound(broker, namespace, channel_id, transport):
+        calls = await transport.wait_calls(2)
+        assert transport.contents() == ["high", "low0"]
+        for call in calls:
+            call.settle()
+        calls = await transport.wait_calls(4)
+        for call in calls[2:]:
+            call.settle()
+        await read_events(broker, namespace, channel_id, 4)
+    assert transport.contents() == ["high", "low0", "low1", "low2"]
+
+
+async def test_stop_with_sends_in_the_window_leaves_them_queued(
+    broker: Broker, namespace: Namespace, channel_id: str
+) -> None:
+    await publish_contents(broker, namespace, channel_id, [f"m{n}" for n in range(5)])
+    transport = GatedTransport(window=3)
+    queue = namespace.outbound_queue(channel_id)
+    async with running_outbound(broker, namespace, channel_id, transport) as shutdown:
+        await transport.wait_calls(3)
+        # A second signal: what is in flight is abandoned, as in a crash.
+        shutdown.hurry()
+    assert await broker.queue_length(queue) == 5
+    assert await broker.queue_length(namespace.event_queue(channel_id)) == 0
+
+
+async def test_window_over_smpp_writes_submits_in_queue_order(
+    broker: Broker, namespace: Namespace, channel_id: str
+) -> None:
+    contents = [f"m{n:02}" for n in range(20)]
+    ids = await publish_contents(broker, namespace, channel_id, contents)
+    async with open_fake_smsc() as smsc:
+        # Answers come back out of order: later submits are answered sooner.
+        smsc.script_submits(*[SubmitAnswer(delay=0.002 * (20 - n)) for n in range(20)])
+        config = SmppConfig.model_validate(smpp_config(smsc, window=5))
+        transport = SmppTransport(config, MemoryLink(size=1024))
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(WAIT):
+                await nursery.start(transport.run)
+                await smsc.wait_bound()
+            async with running_outbound(broker, namespace, channel_id, transport):
+                events = await read_events(broker, namespace, channel_id, 20)
+            nursery.cancel_scope.cancel()
+    sent = [submit.params["short_message"] for submit in smsc.submits]
+    assert sent == [c.encode() for c in contents]
+    assert sorted(e.user_message_id for e in events) == sorted(ids.values())
+    assert {e.event_type for e in events} == {EventType.ACK}

@@ -11,7 +11,7 @@ import trio
 
 from tests.e2e.gateway import WAIT, remember_channel, running_gateway, wait_for
 from tests.fakes.webhook import open_fake_webhook
-from tests.xmpp_server import BOT, HUMAN, running_prosody, xmpp_user
+from tests.xmpp_server import BOT, HUMAN, require_prosody, running_prosody, xmpp_user
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from tests.fakes.webhook import FakeWebhook
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture
+def prosody_dir(tmp_path: Path) -> Path:
+    """Where the test's own Prosody lives; errors (with the install command) without Prosody."""
+    require_prosody()
+    return tmp_path / "prosody"
 
 
 async def create_xmpp_channel(gateway: Gateway, hook: FakeWebhook, config: dict[str, Any]) -> str:
@@ -59,9 +66,9 @@ async def send(gateway: Gateway, channel_id: str, body: dict[str, Any]) -> dict[
     return result
 
 
-async def test_xmpp_chat_through_the_gateway(settings: Settings, tmp_path: Path) -> None:
+async def test_xmpp_chat_through_the_gateway(settings: Settings, prosody_dir: Path) -> None:
     async with (
-        running_prosody(tmp_path / "prosody") as server,
+        running_prosody(prosody_dir) as server,
         open_fake_webhook() as hook,
         running_gateway(settings) as gateway,
     ):
@@ -107,10 +114,10 @@ async def test_xmpp_chat_through_the_gateway(settings: Settings, tmp_path: Path)
 
 
 async def test_xmpp_wrong_password_shows_in_the_channel_status(
-    embedded_settings: Settings, tmp_path: Path
+    embedded_settings: Settings, prosody_dir: Path
 ) -> None:
     async with (
-        running_prosody(tmp_path / "prosody") as server,
+        running_prosody(prosody_dir) as server,
         open_fake_webhook() as hook,
         running_gateway(embedded_settings) as gateway,
     ):

@@ -29,6 +29,8 @@ from channel_proc.transports.smpp.session import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from channel_proc.transports.smpp.config import SmppConfig
     from channel_proc.transports.smpp.pdu import Pdu, PduError
     from channel_proc.transports.smpp.session import Outgoing
@@ -70,10 +72,25 @@ class RequestHandler(Protocol):
     async def unreadable(self, connection: Connection, error: PduError) -> None: ...
 
 
-@dataclass(slots=True)
-class _Waiter:
+@dataclass(eq=False, slots=True)
+class Waiter:
+    """The answer to one request: `response` is None when the connection was lost first.
+
+    `on_done` runs once, when the answer (or the loss) is known, even if nobody waits any
+    more: the submit window frees its slot there.
+    """
+
+    on_done: Callable[[], None] | None = None
     done: trio.Event = field(default_factory=trio.Event)
     response: Pdu | None = None
+
+    def resolve(self, response: Pdu | None) -> None:
+        if self.done.is_set():
+            return
+        self.response = response
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 class Connection:
@@ -86,7 +103,7 @@ class Connection:
         self.scope = trio.CancelScope()
         self.lost_reason: str | None = None
         self._write_lock = trio.Lock()
-        self._waiters: dict[int, _Waiter] = {}
+        self._waiters: dict[int, Waiter] = {}
 
     @property
     def bound(self) -> bool:
@@ -97,15 +114,27 @@ class Connection:
         if self.lost_reason is not None:
             return
         self.lost_reason = reason
-        for waiter in self._waiters.values():
-            waiter.done.set()
+        waiters = list(self._waiters.values())
+        self._waiters.clear()
+        for waiter in waiters:
+            waiter.resolve(None)
         self.scope.cancel()
+
+    def expect(self, sequence: int, on_done: Callable[[], None] | None = None) -> Waiter:
+        """Wait for the answer to request `sequence` (write it after this call)."""
+        waiter = Waiter(on_done)
+        if self.lost_reason is not None:
+            waiter.resolve(None)
+        else:
+            self._waiters[sequence] = waiter
+        return waiter
 
     async def write(self, data: bytes, pdu: Pdu) -> None:
         """Raises LinkDown when the stream is broken."""
         if self.lost_reason is not None:
             raise LinkDown(self.lost_reason)
-        pdu_log.info("%s > %s", self.name, pdu.summary())
+        if pdu_log.isEnabledFor(logging.INFO):
+            pdu_log.info("%s > %s", self.name, pdu.summary())
         async with self._write_lock:
             try:
                 await self.stream.send_all(data)
@@ -120,27 +149,26 @@ class Connection:
             LinkDown: the connection was lost before the response came.
         """
         sequence = outgoing.pdu.sequence
-        waiter = _Waiter()
-        self._waiters[sequence] = waiter
+        waiter = self.expect(sequence)
         try:
             await self.write(outgoing.data, outgoing.pdu)
             await waiter.done.wait()
         finally:
-            del self._waiters[sequence]
-            if waiter.response is None:
+            if not waiter.done.is_set():
+                # Timed out or cancelled: a late answer is only logged.
+                self._waiters.pop(sequence, None)
                 self.session.forget(sequence)
         if waiter.response is None:
             raise LinkDown(self.lost_reason or "connection lost")
         return waiter.response
 
     def answered(self, event: Answered) -> None:
-        waiter = self._waiters.get(event.pdu.sequence)
+        waiter = self._waiters.pop(event.pdu.sequence, None)
         if waiter is None:
             # The request gave up waiting (timed out); its late answer is only logged.
             log.warning("%s: late %s", self.name, event.pdu.summary())
             return
-        waiter.response = event.pdu
-        waiter.done.set()
+        waiter.resolve(event.pdu)
 
     async def respond(self, request: Pdu | PduError, status: int = 0) -> None:
         reply, data = self.session.respond(request, status)

@@ -10,21 +10,21 @@ after the link has queued them durably.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from channel_proc.transports.base import SendReceipt, StatusLevel, Transport
-from channel_proc.transports.errors import ConnectionFailed, ProviderRejected
-from channel_proc.transports.smpp.bind import BindLoop, BindSettings, LinkDown
+from channel_proc.transports.errors import ProviderRejected
+from channel_proc.transports.smpp.bind import BindLoop, BindSettings
 from channel_proc.transports.smpp.config import BindType, SmppConfig
 from channel_proc.transports.smpp.ledger import IdMatch, Ledger
 from channel_proc.transports.smpp.multipart import Reassembler, group_key
 from channel_proc.transports.smpp.pdu import ESME_ROK, STATUS_CODES, status_name
 from channel_proc.transports.smpp.receipts import Kind, classify
 from channel_proc.transports.smpp.session import BindMode
+from channel_proc.transports.smpp.submit import Pacer, SubmitLine, Throttle
 from channel_proc.transports.smpp.text import (
     ESM_UDHI,
     Concatenation,
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from channel_proc.transports.smpp.multipart import Group
     from channel_proc.transports.smpp.pdu import Pdu, PduError
     from channel_proc.transports.smpp.receipts import Receipt
+    from channel_proc.transports.smpp.submit import Place, Submission
     from channel_proc.transports.smpp.text import SubmitPart
 
 log = logging.getLogger(__name__)
@@ -52,50 +53,6 @@ THROTTLED: Final = frozenset({STATUS_CODES["ESME_RTHROTTLED"], STATUS_CODES["ESM
 #: The channel counts as started once every bind tried, or after this long (a connect or
 #: bind that hangs must not hold up the channel's start; sends fail until it is bound).
 READY_WITHIN: Final = 5.0
-
-
-class Throttle:
-    """The SMSC asked us to slow down: every submit on the bind waits until `until`."""
-
-    def __init__(self, delay: float, status: StatusSink) -> None:
-        self._delay = delay
-        self._status = status
-        self._until = -math.inf
-        self.active = False
-
-    def hit(self, reason: str) -> None:
-        self._until = trio.current_time() + self._delay
-        if not self.active:
-            self.active = True
-            log.warning("throttled by the SMSC (%s); pausing submits", reason)
-            self._status(StatusLevel.DEGRADED, "throttled", "Throttled", {"reason": reason})
-
-    async def wait(self) -> None:
-        # A hit during the sleep moves `until` later: sleep again (a loop on a deadline
-        # that moves, not polling).
-        while (until := self._until) > trio.current_time():  # noqa: ASYNC110
-            await trio.sleep_until(until)
-
-    def passed(self) -> None:
-        if self.active and trio.current_time() >= self._until:
-            self.active = False
-            log.info("no longer throttled")
-            self._status(StatusLevel.OK, "throttled_end", "No longer throttled", {})
-
-
-class Pacer:
-    """At most `tps` submit_sm PDUs per second, evenly spaced (0: no limit)."""
-
-    def __init__(self, tps: float) -> None:
-        self._interval = 1 / tps if tps > 0 else 0.0
-        self._next = -math.inf
-
-    async def wait(self) -> None:
-        if not self._interval:
-            return
-        at = max(trio.current_time(), self._next)
-        self._next = at + self._interval
-        await trio.sleep_until(at)
 
 
 class SmppTransport(Transport[SmppConfig]):
@@ -122,14 +79,17 @@ class SmppTransport(Transport[SmppConfig]):
                 self._sink(RECEIVER_COMPONENT),
             )
             self._binds = [self._tx, rx]
-        self._window = trio.Semaphore(config.window)
-        self._pacer = Pacer(config.mt_tps)
         self._throttle = Throttle(config.throttle_delay, self._sink(COMPONENT))
+        self._line = SubmitLine(self._tx, config.window, self._throttle, Pacer(config.mt_tps))
         self._ledger = Ledger(link, config.third_party_id_expiry)
         self._reassembler = Reassembler(link, config.multipart_reassembly_timeout)
         self._decoding_error = self._options.deliver_sm_decoding_error
         # Random start: references of messages sent just before a restart are not reused.
         self._reference = random.randrange(0x10000)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.window
 
     def _sink(self, component: str) -> StatusSink:
         def report(
@@ -145,6 +105,7 @@ class SmppTransport(Transport[SmppConfig]):
             for bind in self._binds:
                 nursery.start_soon(bind.run)
             nursery.start_soon(self._reassembler.run, self._deliver_incomplete)
+            nursery.start_soon(self._line.run)
             with trio.move_on_after(READY_WITHIN):
                 for bind in self._binds:
                     await bind.attempted.wait()
@@ -153,6 +114,14 @@ class SmppTransport(Transport[SmppConfig]):
     # --- outbound ---------------------------------------------------------------------
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
+        # The place in line is taken before the first checkpoint: PDUs go out in call order.
+        place = self._line.reserve()
+        try:
+            return await self._send(msg, place)
+        finally:
+            self._line.withdraw(place)
+
+    async def _send(self, msg: VumiMessage, place: Place) -> SendReceipt:
         to_addr, from_addr = msg.to_addr, msg.from_addr or ""
         for name, value in (("to_addr", to_addr), ("from_addr", from_addr)):
             if value is None or not value.isascii():
@@ -176,10 +145,13 @@ class SmppTransport(Transport[SmppConfig]):
                 len(accepted),
                 len(parts),
             )
-        for index, part in enumerate(parts, start=1):
-            if index in accepted:
-                continue
-            smsc_id = await self._submit(self._params(to_addr, from_addr, part))
+        todo = [index for index in range(1, len(parts) + 1) if index not in accepted]
+        subs = self._line.fill(
+            place, [self._params(to_addr, from_addr, parts[index - 1]) for index in todo]
+        )
+        # Every part is on its way at once (within the window); answers are read in order.
+        for index, sub in zip(todo, subs, strict=True):
+            smsc_id = await self._accepted(sub)
             accepted_at = vumi_timestamp()
             accepted[index] = smsc_id
             early = await self._ledger.part_accepted(
@@ -212,46 +184,24 @@ class SmppTransport(Transport[SmppConfig]):
         params.update(part.options)
         return params
 
-    async def _submit(self, params: dict[str, object]) -> str:
-        """Submit one PDU until the SMSC accepts it; its SMSC message id.
+    async def _accepted(self, sub: Submission) -> str:
+        """Wait until the SMSC accepts this PDU; its SMSC message id.
 
         Raises:
             ConnectionFailed: not bound, or the bind was lost before the response.
             ProviderRejected: the SMSC refused it (the status name is the reason).
         """
-        expiry = self.config.submit_sm_expiry
         while True:
-            async with self._window:
-                # Inside the window: senders waiting for a slot queue in order behind it.
-                await self._throttle.wait()
-                await self._pacer.wait()
-                conn = self._tx.bound_connection
-                if conn is None:
-                    raise ConnectionFailed("not bound to the SMSC", code="not_bound")
-                try:
-                    outgoing = conn.session.request("submit_sm", params)
-                except RuntimeError as exc:
-                    raise ConnectionFailed(str(exc), code="not_bound") from exc
-                except ValueError as exc:
-                    raise ProviderRejected(str(exc), code="unencodable") from exc
-                response = None
-                with trio.move_on_after(expiry):
-                    try:
-                        response = await conn.request(outgoing)
-                    except LinkDown as exc:
-                        raise ConnectionFailed(f"connection to the SMSC lost: {exc}") from exc
-                if response is None:
-                    conn.lose(f"no submit_sm_resp within {expiry:g} s")
-                    raise ConnectionFailed(
-                        f"no submit_sm_resp within {expiry:g} s", code="response_timeout"
-                    )
+            response = await self._line.response(sub, self.config.submit_sm_expiry)
             if response.ok:
                 self._throttle.passed()
                 return response.text("message_id") or ""
             name = status_name(response.status)
             if response.status in THROTTLED:
-                # The same PDU goes again, first, once the pause is over: order is kept.
+                # The same PDU goes again, before anything not yet written, once the pause
+                # is over.
                 self._throttle.hit(name)
+                sub = self._line.again(sub)
                 continue
             raise ProviderRejected(name, code=name)
 

@@ -62,8 +62,8 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class ChatReceived:
+    #: The full JID of who wrote.
     sender: str
-    recipient: str
     body: str
     stanza_id: str | None
 
@@ -195,10 +195,10 @@ class XmppClient:
         client = self._client
         if not isinstance(stanza, StreamFeatures) or client is None or client.authenticated:
             return stanza
-        offered = set(stanza["features"])
-        reason = None
         if self._encrypted():
             return stanza
+        offered = set(stanza["features"])
+        reason = None
         if self._settings.tls == "starttls" and "starttls" not in offered:
             reason = "the server does not offer STARTTLS"
         elif self._settings.tls == "none" and "mechanisms" not in offered:
@@ -244,7 +244,7 @@ class XmppClient:
         body = message["body"]
         if kind not in CHAT_TYPES or not body or self._ended:
             return
-        chat = ChatReceived(str(message["from"]), str(message["to"]), body, message["id"] or None)
+        chat = ChatReceived(str(message["from"]), body, message["id"] or None)
         if self._connected:
             self._events.put_nowait(chat)
         else:

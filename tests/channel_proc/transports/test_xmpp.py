@@ -31,7 +31,14 @@ from tests.channel_proc.transports.harness import (
     build,
     running_transport,
 )
-from tests.xmpp_server import BOT, HUMAN, ProsodyServer, running_prosody, xmpp_user
+from tests.xmpp_server import (
+    BOT,
+    HUMAN,
+    ProsodyServer,
+    require_prosody,
+    running_prosody,
+    xmpp_user,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -45,8 +52,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-async def prosody(tmp_path: Path) -> AsyncIterator[ProsodyServer]:
-    async with running_prosody(tmp_path) as server:
+def prosody_dir(tmp_path: Path) -> Path:
+    """Where a test's own Prosody lives; errors (with the install command) without Prosody."""
+    require_prosody()
+    return tmp_path / "prosody"
+
+
+@pytest.fixture
+async def prosody(prosody_dir: Path) -> AsyncIterator[ProsodyServer]:
+    async with running_prosody(prosody_dir) as server:
         yield server
 
 
@@ -214,19 +228,19 @@ async def test_xmpp_connect(prosody: ProsodyServer, case: ConnectCase) -> None:
         assert float(str(report.details["retry_in"])) > 0
 
 
-async def test_xmpp_tls_none_against_a_server_that_requires_tls(tmp_path: Path) -> None:
+async def test_xmpp_tls_none_against_a_server_that_requires_tls(prosody_dir: Path) -> None:
     async with (
-        running_prosody(tmp_path, require_encryption=True) as server,
+        running_prosody(prosody_dir, require_encryption=True) as server,
         running_transport(XmppTransport, server.channel_config()) as (_, link),
     ):
         report = await link.wait_status("disconnected")
     assert "requires TLS" in str(report.details["reason"])
 
 
-async def test_xmpp_starttls_not_offered_is_refused(tmp_path: Path) -> None:
+async def test_xmpp_starttls_not_offered_is_refused(prosody_dir: Path) -> None:
     """No silent downgrade: tls=starttls never logs in over a plain connection."""
     async with (
-        running_prosody(tmp_path, starttls=False) as server,
+        running_prosody(prosody_dir, starttls=False) as server,
         running_transport(XmppTransport, server.channel_config(tls="starttls")) as (_, link),
     ):
         report = await link.wait_status("disconnected")
@@ -270,14 +284,16 @@ async def test_xmpp_auth_failure_is_retried_with_capped_backoff(prosody: Prosody
     assert all(float(str(f.details["retry_in"])) <= 0.1 for f in failures)
 
 
-async def test_xmpp_password_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_xmpp_password_never_logged(
+    prosody_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """With SASL PLAIN (the password itself goes over the wire, inside TLS) and DEBUG logging,
     neither the logs nor the statuses show it, in any encoding."""
     caplog.set_level(logging.DEBUG)
     wrong = "Wrong-Pass-77"
     secrets = _password_forms(BOT.jid, BOT.password) + _password_forms(BOT.jid, wrong)
     reports: list[StatusReported] = []
-    async with running_prosody(tmp_path, plain_only=True) as server:
+    async with running_prosody(prosody_dir, plain_only=True) as server:
         for password, outcome in ((BOT.password, "connected"), (wrong, "auth_failed")):
             config = server.channel_config(password=password, tls="starttls", verify_tls=False)
             async with running_transport(XmppTransport, config) as (_, link):

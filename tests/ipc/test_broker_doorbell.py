@@ -1,0 +1,208 @@
+"""The embedded queue's doorbells: a publish in one process wakes another process's consumer
+at once (polling is only the fallback), and a missing doorbell never fails a publish."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from ipc.broker import Delivery
+from ipc.broker_sqlite import DOORBELLS_AVAILABLE, SqliteBroker
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+REPO = Path(__file__).resolve().parents[2]
+#: Consumers under test poll this rarely, so only a doorbell can wake them within a test.
+NEVER = 60.0
+
+pytestmark = pytest.mark.skipif(not DOORBELLS_AVAILABLE, reason="doorbells need Linux")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "queues.sqlite3"
+
+
+@pytest.fixture
+async def publisher(path: Path) -> AsyncIterator[SqliteBroker]:
+    broker = await SqliteBroker.open(path)
+    try:
+        yield broker
+    finally:
+        await broker.aclose()
+
+
+async def open_slow_poller(path: Path, *, doorbells: bool = True) -> SqliteBroker:
+    return await SqliteBroker.open(path, doorbells=doorbells, poll_min=NEVER, poll_max=NEVER)
+
+
+async def wait_until_idle(broker: SqliteBroker, queue: str) -> None:
+    """Until a consumer of `broker` has found `queue` empty and waits for an arrival."""
+    # Polling: the consumer's wait is internal state with no event to wait on.
+    with trio.fail_after(10):
+        while not broker._arrivals.waiting.get(queue):  # noqa: ASYNC110
+            await trio.sleep(0.005)
+
+
+async def receive_in_background(
+    broker: SqliteBroker, queue: str, nursery: trio.Nursery
+) -> trio.MemoryReceiveChannel[Delivery]:
+    """A consumer that receives one delivery (acks it) and hands it over."""
+    got_send, got_recv = trio.open_memory_channel[Delivery](1)
+
+    async def consume() -> None:
+        async with broker.consume(queue, prefetch=1) as consumer:
+            delivery = await consumer.receive()
+            await consumer.ack(delivery)
+            await got_send.send(delivery)
+
+    nursery.start_soon(consume)
+    await wait_until_idle(broker, queue)
+    return got_recv
+
+
+async def test_a_publish_rings_another_brokers_idle_consumer(
+    path: Path, publisher: SqliteBroker, nursery: trio.Nursery
+) -> None:
+    consumer_broker = await open_slow_poller(path)
+    try:
+        got = await receive_in_background(consumer_broker, "q", nursery)
+        await publisher.publish("q", b"ding")
+        with trio.fail_after(5):
+            delivery = await got.receive()
+        assert delivery.body == b"ding"
+    finally:
+        await consumer_broker.aclose()
+
+
+@pytest.mark.slow
+async def test_without_doorbells_only_polling_finds_the_message(
+    path: Path, publisher: SqliteBroker, nursery: trio.Nursery
+) -> None:
+    """The control for the test above: the same wait is not cut short without a doorbell."""
+    consumer_broker = await open_slow_poller(path, doorbells=False)
+    try:
+        got = await receive_in_background(consumer_broker, "q", nursery)
+        await publisher.publish("q", b"ding")
+        with trio.move_on_after(1):
+            await got.receive()
+            pytest.fail("the consumer woke up without a doorbell")
+    finally:
+        nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await consumer_broker.aclose()
+
+
+async def test_polling_still_delivers_without_doorbells(
+    path: Path, publisher: SqliteBroker, nursery: trio.Nursery
+) -> None:
+    consumer_broker = await SqliteBroker.open(path, doorbells=False)
+    try:
+        got = await receive_in_background(consumer_broker, "q", nursery)
+        await publisher.publish("q", b"polled")
+        with trio.fail_after(5):
+            assert (await got.receive()).body == b"polled"
+    finally:
+        await consumer_broker.aclose()
+
+
+async def test_a_release_rings_the_other_consumers(path: Path, nursery: trio.Nursery) -> None:
+    """Rows a consumer leaves unacked wake another broker's consumer of the queue."""
+    first = await SqliteBroker.open(path)
+    second = await open_slow_poller(path)
+    try:
+        await first.publish("q", b"held")
+        async with first.consume("q", prefetch=1) as holder:
+            assert (await holder.receive()).body == b"held"
+            got = await receive_in_background(second, "q", nursery)
+        # Leaving the consume block released "held" and rang `second`.
+        with trio.fail_after(5):
+            delivery = await got.receive()
+        assert (delivery.body, delivery.redelivered) == (b"held", True)
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_a_publish_from_another_process_rings(
+    path: Path, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    consumer_broker = await open_slow_poller(path)
+    script = textwrap.dedent(
+        f"""
+        import trio
+        from pathlib import Path
+        from ipc.broker_sqlite import SqliteBroker
+
+        async def main():
+            broker = await SqliteBroker.open(Path({str(path)!r}))
+            await broker.publish("q", b"from afar")
+            await broker.aclose()
+
+        trio.run(main)
+        """
+    )
+    try:
+        got = await receive_in_background(consumer_broker, "q", nursery)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with trio.fail_after(30):
+            await trio.run_process([sys.executable, "-c", script], env=env)
+        with trio.fail_after(5):
+            assert (await got.receive()).body == b"from afar"
+    finally:
+        await consumer_broker.aclose()
+
+
+@pytest.mark.slow
+async def test_a_killed_consumers_doorbell_does_not_fail_publishes(
+    path: Path, publisher: SqliteBroker
+) -> None:
+    """A consumer killed with SIGKILL stays registered (until reclaimed) with no doorbell."""
+    script = textwrap.dedent(
+        f"""
+        import sys, trio
+        from pathlib import Path
+        from ipc.broker_sqlite import SqliteBroker
+
+        async def main():
+            broker = await SqliteBroker.open(Path({str(path)!r}))
+            async with broker.consume("q", prefetch=1):
+                print("ready", flush=True)
+                await trio.sleep_forever()
+
+        trio.run(main)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        output = b""
+        with trio.fail_after(30):
+            while b"\n" not in output:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "the consumer process exited early"
+                output += chunk
+        assert output.strip() == b"ready"
+    finally:
+        proc.kill()
+        with trio.fail_after(10):
+            await proc.wait()
+        assert proc.stdout is not None
+        await proc.stdout.aclose()
+    for n in range(3):
+        await publisher.publish("q", b"m%d" % n)
+    async with publisher.consume("q", prefetch=3) as consumer:
+        with trio.fail_after(5):
+            bodies = [(await consumer.receive()).body for _ in range(3)]
+    assert bodies == [b"m0", b"m1", b"m2"]
