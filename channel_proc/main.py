@@ -110,10 +110,12 @@ async def run_channel(settings: Settings, channel_id: str) -> int:
     try:
         await _run(settings, channel_id, redact)
     except* ConfigError as group:
-        log.error("configuration error: %s", "; ".join(map(str, group.exceptions)))
+        log.error("configuration error: %s", "; ".join(map(str, leaf_exceptions(group))))
         codes.add(EXIT_CONFIG)
     except* (StoreUnavailableError, BrokerUnavailableError) as group:
-        log.error("state store or broker unavailable: %s", "; ".join(map(str, group.exceptions)))
+        log.error(
+            "state store or broker unavailable: %s", "; ".join(map(str, leaf_exceptions(group)))
+        )
         codes.add(EXIT_UNAVAILABLE)
     except* Exception as group:
         # One entry per error, so that each shows its own class and traceback in the logs.

@@ -93,7 +93,7 @@ class OutboundActor:
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Consume until a stop is requested; unacked messages go back to the queue."""
-        window = _Window(1)
+        window = _Window(max(1, self._transport.max_in_flight))
         await self._broker.declare_queue(self._queue, max_priority=MAX_PRIORITY)
         prefetch = window.size + OUTBOUND_PREFETCH
         async with self._broker.consume(self._queue, prefetch=prefetch) as consumer:

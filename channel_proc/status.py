@@ -37,6 +37,8 @@ MAILBOX_SIZE: Final = 256
 STORE_COMPONENT: Final = "store"
 #: Longest wait between attempts to write statuses while the store is unavailable.
 STORE_RETRY_CAP: Final = 5.0
+#: Seconds between pings of the store (how soon a store lost while idle is reported).
+STORE_CHECK_INTERVAL: Final = 2.0
 
 
 class _Wakeup:
@@ -63,6 +65,53 @@ def status_record(channel_id: str, report: StatusReported) -> JsonObject:
     }
 
 
+class _Book:
+    """The actor's state: latest status per component, what is still to store and to post,
+    and whether the store is down (since when)."""
+
+    def __init__(self, channel_id: str, posting: bool) -> None:
+        self.channel_id = channel_id
+        self.components: dict[str, JsonObject] = {}
+        # Only the latest status of a component is stored, so store writes coalesce.
+        self.unstored: dict[str, JsonObject] = {}
+        self.unposted: deque[JsonObject] = deque()
+        self.store_wakeup = _Wakeup()
+        self.post_wakeup = _Wakeup()
+        self.posting = posting
+        self.store_down_since: float | None = None
+
+    def record(self, report: StatusReported) -> None:
+        entry = status_record(self.channel_id, report)
+        self.components[report.component] = entry
+        self.unstored[report.component] = entry
+        self.store_wakeup.set()
+        if self.posting:
+            if len(self.unposted) >= POST_BACKLOG:
+                dropped = self.unposted.popleft()
+                log.warning(
+                    "status_url backlog full; not posting %s status %s",
+                    dropped["component"],
+                    dropped["type"],
+                )
+            self.unposted.append(entry)
+            self.post_wakeup.set()
+
+    def store_failed(self, exc: StoreUnavailableError) -> None:
+        """The store failed a write or a ping. Only a write can end this (`store_wrote`);
+        until then the `store` status itself is pending, so the writer keeps trying."""
+        if self.store_down_since is None:
+            self.store_down_since = trio.current_time()
+            log.error("the state store is unavailable: %s", exc)
+            self.record(_store_down(exc))
+
+    def store_wrote(self) -> None:
+        if self.store_down_since is not None:
+            outage = trio.current_time() - self.store_down_since
+            self.store_down_since = None
+            log.info("the state store is writable again after %.1f s", outage)
+            self.record(_store_recovered(outage))
+
+
 async def run_status_actor(
     mail_recv: trio.MemoryReceiveChannel[StatusMail],
     *,
@@ -70,68 +119,49 @@ async def run_status_actor(
     store: StateStore,
     http: httpx.AsyncClient,
     status_url: str | None,
+    store_check_interval: float = STORE_CHECK_INTERVAL,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until cancelled or until every sender of `mail_recv` is closed."""
-    components: dict[str, JsonObject] = {}
-    # Only the latest status of a component is stored, so store writes coalesce.
-    unstored: dict[str, JsonObject] = {}
-    unposted: deque[JsonObject] = deque()
-    store_wakeup, post_wakeup = _Wakeup(), _Wakeup()
     target = _status_target(status_url)
-
-    def record(report: StatusReported, *, store_it: bool = True) -> None:
-        entry = status_record(channel_id, report)
-        components[report.component] = entry
-        if store_it:
-            unstored[report.component] = entry
-            store_wakeup.set()
-        if target is not None:
-            if len(unposted) >= POST_BACKLOG:
-                dropped = unposted.popleft()
-                log.warning(
-                    "status_url backlog full; not posting %s status %s",
-                    dropped["component"],
-                    dropped["type"],
-                )
-            unposted.append(entry)
-            post_wakeup.set()
+    book = _Book(channel_id, posting=target is not None)
 
     async def write_to_store() -> None:
         retry = Backoff(initial=0.2, cap=STORE_RETRY_CAP)
-        down_since: float | None = None
         while True:
-            await store_wakeup.wait()
-            while unstored:
-                component, entry = next(iter(unstored.items()))
+            await book.store_wakeup.wait()
+            while book.unstored:
+                component, entry = next(iter(book.unstored.items()))
                 try:
                     await store.set_status(channel_id, component, entry)
                 except StoreUnavailableError as exc:
-                    if down_since is None:
-                        down_since = trio.current_time()
-                        log.error("cannot write statuses to the state store: %s", exc)
-                        # Kept in memory only: the store is what is failing.
-                        record(_store_down(exc), store_it=False)
+                    book.store_failed(exc)
                     await trio.sleep(retry.next_delay())
                     continue
+                retry.reset()
                 # A newer status of the component may have arrived during the write.
-                if unstored.get(component) is entry:
-                    del unstored[component]
-                if down_since is not None:
-                    outage = trio.current_time() - down_since
-                    down_since = None
-                    retry.reset()
-                    log.info("the state store is writable again after %.1f s", outage)
-                    record(_store_recovered(outage))
+                if book.unstored.get(component) is entry:
+                    del book.unstored[component]
+                book.store_wrote()
+
+    async def check_store() -> None:
+        # Statuses are rare, so a store lost while nothing is written is noticed here.
+        while True:
+            await trio.sleep(store_check_interval)
+            try:
+                await store.ping()
+            except StoreUnavailableError as exc:
+                book.store_failed(exc)
 
     async def post_to_status_url(target: WebhookTarget) -> None:
         while True:
-            await post_wakeup.wait()
-            while unposted:
-                await _post_with_retries(http, target, unposted.popleft())
+            await book.post_wakeup.wait()
+            while book.unposted:
+                await _post_with_retries(http, target, book.unposted.popleft())
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write_to_store)
+        nursery.start_soon(check_store)
         if target is not None:
             nursery.start_soon(post_to_status_url, target)
         task_status.started()
@@ -139,11 +169,11 @@ async def run_status_actor(
             async for mail in mail_recv:
                 match mail:
                     case StatusReported():
-                        record(mail)
+                        book.record(mail)
                     case StatusQuery():
                         # The asker may have given up (cancelled) in the meantime.
                         with contextlib.suppress(trio.BrokenResourceError):
-                            mail.reply.send_nowait(dict(components))
+                            mail.reply.send_nowait(dict(book.components))
         nursery.cancel_scope.cancel()
 
 
@@ -152,7 +182,7 @@ def _store_down(exc: StoreUnavailableError) -> StatusReported:
         component=STORE_COMPONENT,
         level=StatusLevel.DOWN,
         type="unavailable",
-        message="The state store cannot be written; statuses are kept until it is back",
+        message="The state store is unavailable; statuses are kept until it is back",
         details={"error": str(exc)},
     )
 

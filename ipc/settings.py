@@ -81,6 +81,10 @@ class Settings(_Frozen):
     #: HTTP request bodies larger than this get 413; slower than body_timeout get 408.
     max_body_size: int = 1_048_576
     body_timeout: float = 30.0
+    #: Bearer tokens the API accepts; empty means no authentication (Junebug's default).
+    api_tokens: list[SecretStr] = Field(default_factory=list)
+    #: Queued outbound messages per channel before sends get 429 (None: unlimited).
+    default_queue_limit: int | None = None
 
     @property
     def backend_name(self) -> str:
@@ -99,6 +103,7 @@ class Settings(_Frozen):
             data["redis"]["password"] = self.redis.password.get_secret_value()
         if self.amqp is not None:
             data["amqp"]["password"] = self.amqp.password.get_secret_value()
+        data["api_tokens"] = [token.get_secret_value() for token in self.api_tokens]
         return json.dumps(data)
 
     @classmethod

@@ -30,6 +30,10 @@ Command = tuple[str | int, ...]
 
 #: Worker threads (and so pooled connections) one store uses at once.
 MAX_THREADS: Final = 16
+#: Seconds a call waits for one of those threads. They are only all busy for long when
+#: Redis stops answering (each then holds its thread for SOCKET_TIMEOUT): failing at once
+#: keeps every caller's wait bounded instead of queueing behind the stuck ones.
+THREAD_WAIT: Final = 2.5
 SOCKET_TIMEOUT: Final = 5.0
 SCAN_BATCH: Final = 500
 
@@ -89,13 +93,17 @@ class RedisStateStore(StateStore):
             socket_connect_timeout=SOCKET_TIMEOUT,
             decode_responses=True,
             # One immediate retry replaces a pooled connection the server dropped; more
-            # would only delay StoreUnavailableError while Redis is really gone.
-            retry=Retry(NoBackoff(), 1),
+            # would only delay StoreUnavailableError while Redis is really gone. A timeout
+            # is not retried: Redis did not answer in SOCKET_TIMEOUT, and waiting as long
+            # again would double the time every caller is held.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             max_connections=MAX_THREADS * 2,
         )
         self._client = redis.Redis(connection_pool=self._pool)
         self._kv_put_script = self._client.register_script(_KV_PUT_LUA)
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
+        # Never waited on: only holders of a `_limiter` token start threads.
+        self._threads = trio.CapacityLimiter(MAX_THREADS)
         self._namespace = namespace
         self._prefix = f"{settings.key_prefix}:" if settings.key_prefix else ""
         self._where = f"redis://{settings.host}:{settings.port}/{settings.db}"
@@ -122,10 +130,19 @@ class RedisStateStore(StateStore):
 
     async def _call(self, fn: Callable[[redis.Redis], T]) -> T:
         """Run fn(client) in a worker thread; the one place Redis errors are translated."""
+        with trio.move_on_after(THREAD_WAIT) as waiting:
+            await self._limiter.acquire()
+        if waiting.cancelled_caught:
+            raise StoreUnavailableError(
+                f"{self._where}: no answer (all {MAX_THREADS} connections busy for "
+                f"{THREAD_WAIT:g} s)"
+            )
         try:
-            return await trio.to_thread.run_sync(fn, self._client, limiter=self._limiter)
+            return await trio.to_thread.run_sync(fn, self._client, limiter=self._threads)
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"{self._where}: {exc}") from exc
+        finally:
+            self._limiter.release()
 
     async def _execute(self, *commands: Command, atomic: bool = True) -> list[Any]:
         """Send the commands in one round trip and return their replies.

@@ -197,7 +197,7 @@ async def load_catalog(argv: Sequence[str], env: dict[str, str]) -> Catalog:
         ) from exc
     stderr = _last_line(result.stderr)
     if result.returncode == exit_codes.EXIT_CONFIG:
-        raise BootError(exit_codes.EXIT_CONFIG, f"channel or router types: {stderr}")
+        raise BootError(exit_codes.EXIT_CONFIG, f"channel types: {stderr}")
     if result.returncode != 0:
         why = exit_codes.describe(result.returncode)
         raise BootError(exit_codes.EXIT_SOFTWARE, f"channel type catalog {why}: {stderr}")

@@ -280,7 +280,12 @@ class Sender:
     accepted: dict[str, str] = field(default_factory=dict)
     accepted_at: dict[str, float] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
+    #: (when it was sent, seconds until the answer or the error) for every request.
+    timings: list[tuple[float, float]] = field(default_factory=list)
+    #: When each request still waiting for its answer was sent.
+    pending: dict[int, float] = field(default_factory=dict)
     _numbers: itertools.count[int] = field(default_factory=itertools.count)
+    _request_ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def next_content(self) -> str:
         return f"{self.prefix} {next(self._numbers)}"
@@ -288,6 +293,22 @@ class Sender:
     async def send(self, content: str | None = None) -> int:
         """One send; returns the HTTP status (0: no answer)."""
         content = content or self.next_content()
+        began = trio.current_time()
+        key = next(self._request_ids)
+        self.pending[key] = began
+        try:
+            return await self._send(content, began)
+        finally:
+            del self.pending[key]
+
+    def settled_since(self, moment: float) -> bool:
+        """Every request sent before `moment` has its answer, and three sent after it were
+        accepted: the API is past whatever happened before `moment`."""
+        if any(began < moment for began in self.pending.values()):
+            return False
+        return sum(at > moment for at in self.accepted_at.values()) >= 3
+
+    async def _send(self, content: str, began: float) -> int:
         try:
             response = await self.client.post(
                 f"{self.base_url}/channels/{self.channel_id}/messages/",
@@ -300,8 +321,10 @@ class Sender:
                 timeout=REQUEST_TIMEOUT,
             )
         except httpx.TransportError as exc:
+            self.timings.append((began, trio.current_time() - began))
             self.failures.append(Failure(trio.current_time(), 0, repr(exc)))
             return 0
+        self.timings.append((began, trio.current_time() - began))
         if response.status_code == 201:
             self.accepted[content] = response.json()["result"]["message_id"]
             self.accepted_at[content] = trio.current_time()
@@ -337,7 +360,8 @@ class Sender:
 async def open_sender(
     gateway: Gateway, channel_id: str, hook: FakeWebhook, prefix: str
 ) -> AsyncIterator[Sender]:
-    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    # Roomy: a request must never wait for a connection here, or its time would be ours.
+    limits = httpx.Limits(max_connections=500, max_keepalive_connections=16)
     async with httpx.AsyncClient(limits=limits) as client:
         yield Sender(client, gateway.base_url, channel_id, hook.url("/event"), prefix)
 

@@ -67,12 +67,17 @@ async def send_mo(smsc: TimedSmsc, acknowledged: list[str], stop: trio.Event) ->
             await stop.wait()
 
 
-async def kill_after_it_sends(smsc: TimedSmsc, channel_id: str) -> int:
-    """Wait until the channel's current process has submitted a few messages, then kill it."""
+async def kill_when_busy(smsc: TimedSmsc, channel_id: str, mo_acknowledged: list[str]) -> int:
+    """Wait until the channel's current process has submitted a few messages and taken an
+    MO, then kill it."""
     (pid,) = channel_pids(channel_id)
-    seen = len(smsc.submits)
+    submits, mos = len(smsc.submits), len(mo_acknowledged)
+
+    async def busy() -> bool:
+        return len(smsc.submits) >= submits + 5 and len(mo_acknowledged) > mos
+
     with trio.fail_after(WAIT):
-        await smsc.wait_until(lambda: len(smsc.submits) >= seen + 5)
+        await wait_for(busy)
     kill(pid)
 
     async def replaced() -> bool:
@@ -108,7 +113,7 @@ async def test_kill_9_channel_repeatedly_during_a_send_burst(settings: Settings)
                 nursery.start_soon(send_mo, smsc_a, mo_acknowledged, stop)
                 began = trio.current_time()
                 for _ in range(KILLS):
-                    await kill_after_it_sends(smsc_a, a)
+                    await kill_when_busy(smsc_a, a, mo_acknowledged)
                 await wait_smpp_bound(gateway, a)
                 ended = trio.current_time()
                 stop.set()

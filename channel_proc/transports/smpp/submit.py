@@ -4,9 +4,9 @@ one writer task that puts their PDUs on the wire.
 A send reserves its place before its first checkpoint (so places follow call order), fills
 it with its parts once they are built, then waits for each part's response. The writer
 takes parts in place order, each once the window has room, the SMSC's throttling pause is
-over and mt_tps allows; a part the SMSC throttled goes again before anything not yet
-written. The window counts PDUs on the wire: a slot frees when the response arrives or
-the connection is lost.
+over and mt_tps allows; a part the SMSC throttled (ESME_RTHROTTLED, ESME_RMSGQFUL) goes
+again, after the pause, before anything not yet written. The window counts PDUs on the
+wire: a slot frees when the response arrives or the connection is lost.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from channel_proc.transports.base import StatusLevel
 from channel_proc.transports.errors import ConnectionFailed, ProviderRejected
 from channel_proc.transports.smpp.bind import LinkDown
+from channel_proc.transports.smpp.pdu import STATUS_CODES, status_name
 
 if TYPE_CHECKING:
     from channel_proc.transports.errors import SendError
@@ -30,6 +32,9 @@ if TYPE_CHECKING:
     from channel_proc.transports.smpp.pdu import Pdu
 
 log = logging.getLogger(__name__)
+
+#: Answers that mean "slow down and send it again".
+THROTTLED: Final = frozenset({STATUS_CODES["ESME_RTHROTTLED"], STATUS_CODES["ESME_RMSGQFUL"]})
 
 
 class Throttle:
@@ -82,12 +87,16 @@ class Submission:
 
     order: tuple[int, int]
     params: dict[str, object]
+    #: Said after the PDU in the log line: whose part it is.
+    note: str = ""
     #: Set once it was written (`waiter` then holds the answer) or failed before (`error`).
     settled: trio.Event = field(default_factory=trio.Event)
     error: SendError | None = None
     connection: Connection | None = None
     waiter: Waiter | None = None
     written_at: float = 0.0
+    #: The same PDU written again because the SMSC throttled this one.
+    retry: Submission | None = None
 
     def __lt__(self, other: Submission) -> bool:
         return self.order < other.order
@@ -128,9 +137,14 @@ class SubmitLine:
         self._places.append(place)
         return place
 
-    def fill(self, place: Place, parts: list[dict[str, object]]) -> list[Submission]:
-        """The PDUs of a place, in the order they go out."""
-        subs = [Submission((place.number, index), params) for index, params in enumerate(parts)]
+    def fill(
+        self, place: Place, parts: list[dict[str, object]], notes: list[str]
+    ) -> list[Submission]:
+        """The PDUs of a place, in the order they go out, with their log notes."""
+        subs = [
+            Submission((place.number, index), params, note)
+            for index, (params, note) in enumerate(zip(parts, notes, strict=True))
+        ]
         place.parts = deque(subs)
         self._wake()
         return subs
@@ -141,13 +155,6 @@ class SubmitLine:
             place.withdrawn = True
             self._wake()
 
-    def again(self, sub: Submission) -> Submission:
-        """Write this PDU again (it was throttled), ahead of anything not yet written."""
-        retry = Submission(sub.order, sub.params)
-        heapq.heappush(self._again, retry)
-        self._wake()
-        return retry
-
     async def response(self, sub: Submission, expiry: float) -> Pdu:
         """The SMSC's answer to `sub`.
 
@@ -157,24 +164,46 @@ class SubmitLine:
                 whatever state the SMSC is in).
             ProviderRejected: the PDU cannot be encoded.
         """
-        await sub.settled.wait()
-        if sub.error is not None:
-            raise sub.error
-        waiter, conn = sub.waiter, sub.connection
-        assert waiter is not None
-        assert conn is not None
-        with trio.move_on_at(sub.written_at + expiry):
-            await waiter.done.wait()
-        if not waiter.done.is_set():
-            conn.lose(f"no submit_sm_resp within {expiry:g} s")
-            raise ConnectionFailed(
-                f"no submit_sm_resp within {expiry:g} s", code="response_timeout"
-            )
-        if waiter.response is None:
-            raise ConnectionFailed(f"connection to the SMSC lost: {conn.lost_reason}")
-        return waiter.response
+        while True:
+            await sub.settled.wait()
+            if sub.error is not None:
+                raise sub.error
+            waiter, conn = sub.waiter, sub.connection
+            assert waiter is not None
+            assert conn is not None
+            with trio.move_on_at(sub.written_at + expiry):
+                await waiter.done.wait()
+            if not waiter.done.is_set():
+                conn.lose(f"no submit_sm_resp within {expiry:g} s")
+                raise ConnectionFailed(
+                    f"no submit_sm_resp within {expiry:g} s", code="response_timeout"
+                )
+            if sub.retry is not None:
+                sub = sub.retry
+                continue
+            if waiter.response is None:
+                raise ConnectionFailed(f"connection to the SMSC lost: {conn.lost_reason}")
+            return waiter.response
 
     # --- the writer ---------------------------------------------------------------------
+
+    def _answered(self, sub: Submission) -> None:
+        """The answer (or the loss) is in: free the window slot.
+
+        Runs as the answer is read, before anyone can take the slot: a throttled PDU is
+        queued to go again (and the pause starts) before the writer can pick another.
+        """
+        assert sub.waiter is not None
+        response = sub.waiter.response
+        if response is not None:
+            if response.status in THROTTLED:
+                self._throttle.hit(status_name(response.status))
+                sub.retry = Submission(sub.order, sub.params, sub.note)
+                heapq.heappush(self._again, sub.retry)
+                self._wake()
+            elif response.ok:
+                self._throttle.passed()
+        self._window.release()
 
     def _wake(self) -> None:
         self._work.set()
@@ -242,11 +271,11 @@ class SubmitLine:
             sub.fail(ProviderRejected(str(exc), code="unencodable"))
             return
         sub.connection = conn
-        sub.waiter = conn.expect(outgoing.pdu.sequence, self._window.release)
+        sub.waiter = conn.expect(outgoing.pdu.sequence, partial(self._answered, sub))
         sub.written_at = trio.current_time()
         sub.settled.set()
         try:
-            await conn.write(outgoing.data, outgoing.pdu)
+            await conn.write(outgoing.data, outgoing.pdu, sub.note)
         except LinkDown:
             # The loss resolved the waiter: the sender sees it and the slot is free.
             return

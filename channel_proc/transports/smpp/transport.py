@@ -21,7 +21,7 @@ from channel_proc.transports.smpp.bind import BindLoop, BindSettings
 from channel_proc.transports.smpp.config import BindType, SmppConfig
 from channel_proc.transports.smpp.ledger import IdMatch, Ledger
 from channel_proc.transports.smpp.multipart import Reassembler, group_key
-from channel_proc.transports.smpp.pdu import ESME_ROK, STATUS_CODES, status_name
+from channel_proc.transports.smpp.pdu import ESME_ROK, status_name
 from channel_proc.transports.smpp.receipts import Kind, classify
 from channel_proc.transports.smpp.session import BindMode
 from channel_proc.transports.smpp.submit import Pacer, SubmitLine, Throttle
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 COMPONENT: Final = "smpp"
 #: With a transmitter + receiver pair, the receiver bind reports under its own component.
 RECEIVER_COMPONENT: Final = "smpp_receiver"
-THROTTLED: Final = frozenset({STATUS_CODES["ESME_RTHROTTLED"], STATUS_CODES["ESME_RMSGQFUL"]})
 #: The channel counts as started once every bind tried, or after this long (a connect or
 #: bind that hangs must not hold up the channel's start; sends fail until it is bound).
 READY_WITHIN: Final = 5.0
@@ -89,7 +88,9 @@ class SmppTransport(Transport[SmppConfig]):
 
     @property
     def max_in_flight(self) -> int:
-        return self.config.window
+        # The window bounds PDUs awaiting a response (SubmitLine); a send also records the
+        # answer in the store afterwards, so twice as many sends keep the window full.
+        return 2 * self.config.window
 
     def _sink(self, component: str) -> StatusSink:
         def report(
@@ -147,7 +148,9 @@ class SmppTransport(Transport[SmppConfig]):
             )
         todo = [index for index in range(1, len(parts) + 1) if index not in accepted]
         subs = self._line.fill(
-            place, [self._params(to_addr, from_addr, parts[index - 1]) for index in todo]
+            place,
+            [self._params(to_addr, from_addr, parts[index - 1]) for index in todo],
+            [f" (message {mid} part {index}/{len(parts)})" for index in todo],
         )
         # Every part is on its way at once (within the window); answers are read in order.
         for index, sub in zip(todo, subs, strict=True):
@@ -160,7 +163,9 @@ class SmppTransport(Transport[SmppConfig]):
             for receipt in early:
                 await self._report(IdMatch(mid, index, len(parts)), receipt)
         ids = ",".join(accepted[i] for i in sorted(accepted))
-        log.info("message %s accepted by the SMSC as %s", mid, ids)
+        # The submit_sm lines name the message and their responses its SMSC ids: at INFO
+        # this line would only repeat them (and logging is a good part of the CPU cost).
+        log.debug("message %s accepted by the SMSC as %s", mid, ids)
         return SendReceipt(
             ids or None, publish_ack=not self.config.disable_ack, accepted_at=accepted_at
         )
@@ -185,25 +190,17 @@ class SmppTransport(Transport[SmppConfig]):
         return params
 
     async def _accepted(self, sub: Submission) -> str:
-        """Wait until the SMSC accepts this PDU; its SMSC message id.
+        """Wait until the SMSC accepts this PDU (throttled ones go again); its SMSC id.
 
         Raises:
             ConnectionFailed: not bound, or the bind was lost before the response.
             ProviderRejected: the SMSC refused it (the status name is the reason).
         """
-        while True:
-            response = await self._line.response(sub, self.config.submit_sm_expiry)
-            if response.ok:
-                self._throttle.passed()
-                return response.text("message_id") or ""
-            name = status_name(response.status)
-            if response.status in THROTTLED:
-                # The same PDU goes again, before anything not yet written, once the pause
-                # is over.
-                self._throttle.hit(name)
-                sub = self._line.again(sub)
-                continue
-            raise ProviderRejected(name, code=name)
+        response = await self._line.response(sub, self.config.submit_sm_expiry)
+        if response.ok:
+            return response.text("message_id") or ""
+        name = status_name(response.status)
+        raise ProviderRejected(name, code=name)
 
     # --- inbound ----------------------------------------------------------------------
 

@@ -430,3 +430,42 @@ async def test_pdu_log_lines_never_show_the_password(caplog: pytest.LogCaptureFi
     assert any("> submit_sm seq=" in line for line in lines)
     assert any("< submit_sm_resp" in line and "message_id=1" in line for line in lines)
     assert not any("s3cr3tpw" in r.getMessage() for r in caplog.records)
+
+
+# --- the window with sends in flight at once -------------------------------------------------
+
+
+async def send_in_order(
+    transport: SmppTransport, msgs: list[VumiMessage], nursery: trio.Nursery
+) -> None:
+    """Start one send per message, in order, as the outbound actor does."""
+
+    async def call(msg: VumiMessage, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        await send(transport, msg)
+
+    for msg in msgs:
+        await nursery.start(call, msg)
+
+
+async def test_throttled_submit_in_a_window_goes_again_before_unwritten_ones() -> None:
+    async with (
+        open_fake_smsc() as smsc,
+        smpp_channel(smsc, window=2, throttle_delay=0.05) as (transport, _),
+    ):
+        smsc.script_submits(SubmitAnswer(status=RTHROTTLED), SubmitAnswer(delay=0.01))
+        async with trio.open_nursery() as nursery:
+            await send_in_order(transport, [message(f"m{n}") for n in range(4)], nursery)
+    contents = [submit.params["short_message"] for submit in smsc.submits]
+    assert contents == [b"m0", b"m1", b"m0", b"m2", b"m3"]
+
+
+async def test_parts_of_messages_in_a_window_go_out_in_order() -> None:
+    async with open_fake_smsc() as smsc, smpp_channel(smsc, window=3) as (transport, _):
+        # The first part of the first message is answered last.
+        smsc.script_submits(SubmitAnswer(delay=0.05))
+        msgs = [message("a" * 160 + "b"), message("c"), message("d" * 160 + "e")]
+        async with trio.open_nursery() as nursery:
+            await send_in_order(transport, msgs, nursery)
+    bodies = [submit.params["short_message"][-1:] for submit in smsc.submits]  # type: ignore[index]
+    assert bodies == [b"a", b"b", b"c", b"d", b"e"]
