@@ -8,9 +8,20 @@ from typing import TYPE_CHECKING
 from quart_trio import QuartTrio
 
 from api.asgi import HTTPConnection
+from api.auth import authenticator
 from api.deps import EXTENSION_KEY, ApiContext
 from api.errors import http_error_response, register_error_handlers
-from api.routes import channels, destinations, docs, health, logs, messages, routers
+from api.routes import (
+    channels,
+    control,
+    destinations,
+    docs,
+    health,
+    logs,
+    messages,
+    metrics,
+    routers,
+)
 from ipc.broker import open_broker
 from ipc.errors import BrokerUnavailableError, StoreUnavailableError
 from ipc.names import Namespace
@@ -87,10 +98,16 @@ def create_app(
                 context.startup_failure = exc
             raise
 
+    authenticate = authenticator(settings)
+    if authenticate is not None:
+        # Before routing errors too: without a token, no answer tells which paths exist.
+        app.before_request(authenticate)
     for blueprint in (
         channels.blueprint,
         messages.blueprint,
+        control.blueprint,
         logs.blueprint,
+        metrics.blueprint,
         routers.blueprint,
         destinations.blueprint,
         health.blueprint,

@@ -50,11 +50,19 @@ async def read_rates(store: StateStore, owner_id: str, metric_window: float) -> 
 
 
 async def channel_object(
-    store: StateStore, channel_id: str, properties: JsonObject, metric_window: float
+    store: StateStore,
+    channel_id: str,
+    properties: JsonObject,
+    metric_window: float,
+    *,
+    queues: JsonObject | None = None,
 ) -> JsonObject:
+    """`queues` (the queue snapshot, api.queue_control) is shown under the status when given."""
     components = await store.get_statuses(channel_id)
     status: JsonObject = {"status": worst_status(components), "components": components}
     status.update(await read_rates(store, channel_id, metric_window))
+    if queues is not None:
+        status["queues"] = queues
     result = copy.deepcopy(properties)
     result["id"] = channel_id
     result["status"] = status

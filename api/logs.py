@@ -41,13 +41,19 @@ def _entries_newest_first(path: Path) -> list[JsonObject]:
     return entries
 
 
-def read_logs(logging_path: str, worker_id: str, n: int) -> list[JsonObject]:
-    """Up to `n` entries, newest first. Blocking file I/O: run it in a worker thread."""
+def read_logs(
+    logging_path: str, worker_id: str, n: int, *, message_id: str | None = None
+) -> list[JsonObject]:
+    """Up to `n` entries, newest first; with `message_id`, only entries whose `message_id`
+    field is that id (every file is read until n are found). Blocking file I/O: run it in a
+    worker thread."""
     result: list[JsonObject] = []
     if n <= 0:
         return result
     for path in _log_files(logging_path, worker_id):
         for entry in _entries_newest_first(path):
+            if message_id is not None and entry.get("message_id") != message_id:
+                continue
             result.append(entry)
             if len(result) == n:
                 return result

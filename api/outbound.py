@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from api.errors import MessageTooLongError
-from ipc.payloads import SessionEvent, VumiMessage
+from api.errors import ApiUsageError, MessageTooLongError
+from ipc.payloads import SessionEvent, VumiMessage, vumi_timestamp
 
 JsonObject = dict[str, Any]
 
@@ -13,6 +14,11 @@ JsonObject = dict[str, Any]
 _SPECIAL_KEYS = ("continue_session", "session_event")
 
 DEFAULT_PRIORITY = 1
+
+#: Where a send's expiry travels in the vumi message (the outbound actor reads it there).
+EXPIRES_AT_KEY = "expires_at"
+#: Vumi timestamps have four-digit years; nothing sent before 1970 is still queued anyway.
+MIN_EXPIRY_YEAR = 1970
 
 
 def _session_event(channel_data: JsonObject) -> SessionEvent | None:
@@ -92,3 +98,48 @@ def outbound_record(body: JsonObject, api_message: JsonObject, priority: int) ->
     if "priority" in body:
         record["priority"] = priority
     return record
+
+
+def _parse_expires_at(text: str) -> dt.datetime:
+    """A vumi timestamp or ISO 8601 date-time; without an offset it is UTC."""
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ApiUsageError(
+            f"expires_at {text!r} is not a date-time: use UTC YYYY-MM-DD HH:MM:SS[.ffffff] "
+            "or ISO 8601 with an offset"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    try:
+        moment = moment.astimezone(dt.UTC)
+    except OverflowError:
+        moment = dt.datetime.min.replace(tzinfo=dt.UTC)
+    if not MIN_EXPIRY_YEAR <= moment.year <= dt.MAXYEAR:
+        raise ApiUsageError(f"expires_at {text!r} is not between the years 1970 and 9999")
+    return moment
+
+
+def expires_at_of(body: JsonObject, now: dt.datetime | None = None) -> str | None:
+    """The send's expiry as a vumi timestamp (UTC), from `validity` seconds or `expires_at`.
+
+    A time already past is accepted: the message is then rejected as expired, not sent.
+    """
+    validity = body.get("validity")
+    expires_at = body.get("expires_at")
+    if validity is not None and expires_at is not None:
+        raise ApiUsageError('Give "validity" or "expires_at", not both')
+    if validity is not None:
+        start = now or dt.datetime.now(dt.UTC)
+        try:
+            return vumi_timestamp(start + dt.timedelta(seconds=validity))
+        except OverflowError:
+            raise ApiUsageError(f"validity {validity} s is too far in the future") from None
+    if isinstance(expires_at, str):
+        return vumi_timestamp(_parse_expires_at(expires_at))
+    return None
+
+
+def set_expiry(message: VumiMessage, expires_at: str | None) -> None:
+    if expires_at is not None:
+        message.routing_metadata[EXPIRES_AT_KEY] = expires_at

@@ -27,6 +27,14 @@ JsonObject = dict[str, Any]
 
 _NON_NEGATIVE_INT = {"type": "integer", "minimum": 0}
 
+#: Channel properties of issue 7 (null: the gateway's default / none).
+_QUEUE_CONTROL_PROPERTIES: JsonObject = {
+    # Queued outbound messages beyond which sends get 429 (default: default_queue_limit).
+    "queue_limit": {"type": ["integer", "null"], "minimum": 1},
+    # HMAC-SHA256 key of the X-Junebug-Signature header on this channel's webhook POSTs.
+    "signing_secret": {"type": ["string", "null"]},
+}
+
 CHANNEL_CREATE: JsonObject = {
     "type": "object",
     "properties": {
@@ -41,6 +49,7 @@ CHANNEL_CREATE: JsonObject = {
         "rate_limit_count": _NON_NEGATIVE_INT,
         "rate_limit_window": _NON_NEGATIVE_INT,
         "character_limit": _NON_NEGATIVE_INT,
+        **_QUEUE_CONTROL_PROPERTIES,
     },
     "required": ["type", "config"],
     "additionalProperties": True,
@@ -62,6 +71,7 @@ CHANNEL_MODIFY: JsonObject = {
         "rate_limit_count": _NON_NEGATIVE_INT,
         "rate_limit_window": _NON_NEGATIVE_INT,
         "character_limit": _NON_NEGATIVE_INT,
+        **_QUEUE_CONTROL_PROPERTIES,
     },
     "additionalProperties": True,
 }
@@ -94,6 +104,11 @@ MESSAGE_SEND: JsonObject = {
                 "continue_session": {"type": ["boolean", "null"]},
             },
         },
+        # Issue 7: a message still queued past its expiry is rejected ("expired"), not sent.
+        "validity": {"type": "integer", "minimum": 1},
+        "expires_at": {"type": "string", "maxLength": 64},
+        # The Idempotency-Key header's alternative: a repeat returns the first result.
+        "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200},
     },
     "required": ["content"],
     "additionalProperties": False,

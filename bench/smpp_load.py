@@ -35,11 +35,16 @@ import trio
 from bench.broker import git_commit, machine
 from bench.smsc_sim import SmscSimulator
 from bench.ussd_roundtrip import settings_for
+from ipc.broker import MAX_PRIORITY, open_broker
+from ipc.codec import encode_payload
+from ipc.names import Namespace
+from ipc.payloads import VumiMessage
 from tests.e2e.gateway import free_port, remember_channel, running_gateway, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
+    from ipc.settings import Settings
     from tests.e2e.gateway import Gateway
 
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
@@ -341,6 +346,10 @@ class Figures:
     mo: int = 0
     mo_rate: float = 0.0
     mo_delivered: int = 0
+    #: deliver_sm answered by the gateway (durably queued) per second: the SMPP side alone.
+    mo_ack_rate: float = 0.0
+    #: CPU of this benchmark process (simulator, sink, senders) per MT: the load tools' share.
+    bench_cpu_ms_per_mt: float = 0.0
     cpu_ms_per_mt: float = 0.0
     cpu_ms_per_mo: float = 0.0
     service_cpu_ms_per_mt: float = 0.0
@@ -350,6 +359,10 @@ class Figures:
     duplicate_submits: int = 0
     lost_dlrs: int = 0
     lost_mo: int = 0
+    #: --direct: messages published straight to the outbound queue (no API), and the rate
+    #: the channel drained them to the SMSC (first to last submit_sm).
+    direct: int = 0
+    direct_rate: float = 0.0
     #: CPU ms per MT message (MT phase) by process kind, services included.
     cpu_ms_per_mt_by_process: dict[str, float] = field(default_factory=dict)
 
@@ -401,6 +414,7 @@ class Workload:
         requests = [self.make_request(n) for n in range(args.messages)]
         cpu0, svc0 = watch.cpu()
         roles0 = watch.roles()
+        own0 = sum(os.times()[:2])
         started = time.perf_counter()
         await send_all(self.port, requests, args.concurrency, latencies)
         accepted = time.perf_counter()
@@ -420,6 +434,7 @@ class Workload:
             lambda: wait_count(sink, "submitted", args.messages),
         )
         cpu1, svc1 = watch.cpu()
+        figures.bench_cpu_ms_per_mt = (sum(os.times()[:2]) - own0) * 1000 / args.messages
         roles = watch.roles()
         figures.cpu_ms_per_mt_by_process = {
             name: round((seconds - roles0.get(name, 0.0)) * 1000 / args.messages, 3)
@@ -451,6 +466,8 @@ class Workload:
                 nursery.cancel_scope.cancel()
             cpu1, svc1 = watch.cpu()
             figures.mo_delivered = sink.counts["mo"]
+            if stats.mo_acked:
+                figures.mo_ack_rate = stats.mo_acked / (stats.last_mo_ack - stats.first_mo)
             if figures.mo_delivered:
                 figures.mo_rate = figures.mo_delivered / (sink.last["mo"] - stats.first_mo)
             figures.cpu_ms_per_mo = (cpu1 - cpu0) * 1000 / args.mo
@@ -488,8 +505,44 @@ async def run_junebug(args: argparse.Namespace, sim: SmscSimulator, sink: Sink) 
                 nursery.start_soon(watch.sample_rss)
                 await workload.warm_up()
                 figures = await workload.run(watch)
+                if args.direct:
+                    figures.direct = args.direct
+                    figures.direct_rate = await drain_direct(args, settings, channel_id, sim)
                 nursery.cancel_scope.cancel()
     return figures
+
+
+async def drain_direct(
+    args: argparse.Namespace, settings: Settings, channel_id: str, sim: SmscSimulator
+) -> float:
+    """Publish --direct messages to the channel's outbound queue (as the API does, without
+    its HTTP and store work); the rate the channel sent them on (first to last submit_sm)."""
+    sim.stats.reset()
+    queue = Namespace(settings.namespace).outbound_queue(channel_id)
+    bodies = [
+        encode_payload(VumiMessage(to_addr=to_number(n), from_addr="12345", content=f"direct {n}"))
+        for n in range(args.direct)
+    ]
+    async with open_broker(settings) as broker:
+        await broker.declare_queue(queue, max_priority=MAX_PRIORITY)
+        todo = iter(bodies)
+
+        async def publisher() -> None:
+            for body in todo:
+                await broker.publish(queue, body, priority=1)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(args.concurrency):
+                nursery.start_soon(publisher)
+    await bounded(
+        args.timeout,
+        "every direct submit_sm",
+        lambda: sim.wait_until(lambda: sim.stats.submits >= args.direct),
+    )
+    stats = sim.stats
+    if stats.submits < 2:
+        return 0.0
+    return (stats.submits - 1) / (stats.last_submit - stats.first_submit)
 
 
 def junebug_request(channel_id: str, event_url: str) -> Callable[[int], Request]:
@@ -693,11 +746,14 @@ ROWS: Final = (
     ("end-to-end MT rate (submit_sm/s)", "e2e_rate", "{:.0f}"),
     ("delivery reports at event_url /s", "dlr_rate", "{:.0f}"),
     ("MO rate (SMSC -> mo_url, msg/s)", "mo_rate", "{:.0f}"),
+    ("  MO queued (deliver_sm_resp/s)", "mo_ack_rate", "{:.0f}"),
+    ("queue -> SMSC drain, --direct (msg/s)", "direct_rate", "{:.0f}"),
     ("CPU per MT + its DLR (ms)", "cpu_ms_per_mt", "{:.2f}"),
     ("  + Redis/RabbitMQ CPU per MT (ms)", "service_cpu_ms_per_mt", "{:.2f}"),
     ("CPU per MO (ms)", "cpu_ms_per_mo", "{:.2f}"),
     ("  + Redis/RabbitMQ CPU per MO (ms)", "service_cpu_ms_per_mo", "{:.2f}"),
     ("peak RSS, all processes (MB)", "peak_rss_mb", "{:.0f}"),
+    ("load tools' CPU per MT (ms)", "bench_cpu_ms_per_mt", "{:.2f}"),
     ("lost / duplicate submit_sm", None, ""),
     ("lost delivery reports / MO", None, ""),
 )
@@ -768,6 +824,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 f"{k} {v:.2f}" for k, v in sorted(figures.cpu_ms_per_mt_by_process.items())
             )
             print(f"CPU ms per MT by process ({name}): {parts}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
         f"targets: e2e and MO rates >= Kannel's at the same window; accept p99 < "
         f"{TARGET_ACCEPT_P99_MS:.0f} ms at 50 senders; nothing lost"
@@ -786,6 +843,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "ratios_junebug_over_kannel": ratios(junebug, kannel) if kannel is not None else None,
         "git_commit": git_commit(),
         "machine": machine(),
+        # Other work on the machine skews every figure: the 1-minute load at the end.
+        "load_average_1m": os.getloadavg()[0],
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -800,6 +859,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mo-window", type=int, default=100, help="deliver_sm unanswered")
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=100, help="MT messages before measuring")
+    parser.add_argument(
+        "--direct",
+        type=int,
+        default=0,
+        help="then publish this many straight to the outbound queue: the channel's own rate",
+    )
     parser.add_argument("--no-kannel", action="store_true", help="skip the Kannel comparison")
     parser.add_argument("--kannel-only", action="store_true", help="measure Kannel alone")
     parser.add_argument("--redis-host", default="127.0.0.1")

@@ -2,6 +2,9 @@
 
 Each queue has its own consumer, so a dead mo_url never holds up events. A message
 is acked only once delivered (or dead-lettered), so a killed process loses nothing.
+mo_url and event_url may be templates (channel_proc.templates), rendered per request; each
+POST carries X-Junebug-Delivery (and X-Junebug-Signature with a signing secret), and each
+attempt is recorded in the message's timeline.
 """
 
 from __future__ import annotations
@@ -9,22 +12,31 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import trio
 
 from channel_proc.backoff import Backoff
+from channel_proc.counters import Counters
 from channel_proc.deadletter import dead_letter
 from channel_proc.transports.base import StatusLevel
 from channel_proc.transports.errors import ConfigError
-from channel_proc.webhook import WebhookError, WebhookTarget, post_json, safe_url
+from channel_proc.webhook import (
+    Callback,
+    WebhookError,
+    WebhookTarget,
+    delivery_id,
+    post_json,
+    safe_url,
+)
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import decode_vumi_event, decode_vumi_message
 from ipc.errors import ProtocolError
 from ipc.names import amqp_event_key, amqp_inbound_key, amqp_outbound_queue
-from ipc.payloads import api_event, api_message, junebug_event_type
+from ipc.payloads import api_event, api_message, junebug_event_type, vumi_timestamp
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -48,6 +60,10 @@ PREFETCH: Final = 16
 AMQP_OUTBOUND_PRIORITY: Final = 1
 MO_COMPONENT: Final = "mo_url"
 EVENT_COMPONENT: Final = "event_url"
+#: Webhook targets: delivery-id prefix, timeline `target`, webhook_failures_total label.
+MO_TARGET: Final = "mo_url"
+EVENT_TARGET: Final = "event_url"
+TIMELINE_STAGE: Final = "webhook_attempt"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +73,8 @@ class Routes:
     mo_url: str | None = None
     mo_url_auth_token: str | None = None
     amqp_queue: str | None = None
+    #: Signs every webhook POST (mo_url and event_url) when set.
+    signing_secret: str | None = None
 
 
 class Outcome(Enum):
@@ -65,8 +83,27 @@ class Outcome(Enum):
     STOPPED = "stopped"
 
 
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    """One body to one webhook, retried until delivered."""
+
+    #: The status component reported while it fails.
+    component: str
+    #: MO_TARGET or EVENT_TARGET.
+    target: str
+    webhook: WebhookTarget
+    #: The message whose timeline records each attempt (the inbound or outbound message).
+    message_id: str
+    #: X-Junebug-Delivery.
+    delivery_id: str
+
+
 class Forwarder:
     """Consumes `{cid}.inbound`, `{cid}.event` and (RabbitMQ only) `{amqp_queue}.outbound`."""
+
+    #: Whether inbound messages and events count in the process's `counters` (a router
+    #: destination's forwarder leaves that to the router's dispatcher, which saw them first).
+    counts_traffic: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -84,10 +121,17 @@ class Forwarder:
         retry_cap: float = 60.0,
         logger: logging.Logger | None = None,
         components: tuple[str, str] = (MO_COMPONENT, EVENT_COMPONENT),
+        counters: Counters | None = None,
     ) -> None:
         """`channel_id` names the queues consumed and the owner of what is stored and counted
         (a router destination's forwarder passes the destination id); `logger` and the status
-        `components` (mo_url, event_url) let such a forwarder report under its own names."""
+        `components` (mo_url, event_url) let such a forwarder report under its own names.
+        `counters` is the process's metrics registry (a private one when not given).
+
+        Raises:
+            ConfigError: mo_url is a plain URL that cannot be used. (An invalid mo_url
+                template is logged here and each inbound message is dead-lettered.)
+        """
         self._log = logger or log
         self._mo_component, self._event_component = components
         self._broker = broker
@@ -102,18 +146,29 @@ class Forwarder:
         self._retry_initial = retry_initial
         self._retry_cap = retry_cap
         self._failing: set[str] = set()
+        self._counters = counters if counters is not None else Counters()
+        self._secret = routes.signing_secret or None
         # AMQP integration queues only make sense on RabbitMQ; on the embedded queue
         # nobody would ever consume them.
         self._amqp_queue = routes.amqp_queue if settings.amqp is not None else None
         self._amqp_outbound = amqp_outbound_queue(self._amqp_queue) if self._amqp_queue else ""
         if routes.amqp_queue and settings.amqp is None:
             self._log.warning("amqp_queue is set but the gateway has no RabbitMQ; it is ignored")
-        self._mo_target: WebhookTarget | None = None
+        self._mo: Callback | None = None
         if routes.mo_url:
+            self._mo = Callback(routes.mo_url, routes.mo_url_auth_token, self._secret)
             try:
-                self._mo_target = WebhookTarget.parse(routes.mo_url, routes.mo_url_auth_token)
+                self._mo.check()
             except WebhookError as exc:
-                raise ConfigError(f"mo_url {safe_url(routes.mo_url)}: {exc.reason}") from exc
+                if not self._mo.is_template:
+                    raise ConfigError(f"mo_url {safe_url(routes.mo_url)}: {exc.reason}") from exc
+                # The API refuses such templates; one stored before that is not worth a dead
+                # channel: its messages stay replayable in the dead-letter queue.
+                self._log.error(
+                    "mo_url %s: %s; inbound messages will be dead-lettered",
+                    safe_url(routes.mo_url),
+                    exc.reason,
+                )
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Start every consumer, then run until a stop is requested and in-flight work ends."""
@@ -152,10 +207,10 @@ class Forwarder:
             msg.model_dump(mode="json"),
             self._settings.inbound_message_ttl,
         )
-        if self._mo_target is not None:
+        if self._mo is not None:
             what = f"inbound message {msg.message_id}"
             body = self._mo_body(msg)
-            outcome = await self._deliver(self._mo_component, self._mo_target, body, what)
+            outcome = await self._post_mo(self._mo, msg, body, what)
             if outcome is Outcome.STOPPED:
                 return
             if outcome is Outcome.GAVE_UP:
@@ -170,6 +225,32 @@ class Forwarder:
     def _mo_body(self, msg: VumiMessage) -> dict[str, object]:
         """What is POSTed to mo_url."""
         return api_message(msg, self._cid)
+
+    async def _post_mo(
+        self, callback: Callback, msg: VumiMessage, body: Mapping[str, object], what: str
+    ) -> Outcome:
+        values = {
+            "message_id": msg.message_id,
+            "channel_id": body.get("channel_id"),
+            "from": msg.from_addr,
+            "to": msg.to_addr,
+            "session_event": msg.session_event.value if msg.session_event else None,
+        }
+        try:
+            target = callback.target(values)
+        except WebhookError as exc:
+            self._log.error(
+                "%s: mo_url %s is unusable: %s", what, safe_url(callback.url), exc.reason
+            )
+            return Outcome.GAVE_UP
+        attempt = _Delivery(
+            component=self._mo_component,
+            target=MO_TARGET,
+            webhook=target,
+            message_id=msg.message_id,
+            delivery_id=delivery_id(MO_TARGET, msg.message_id),
+        )
+        return await self._deliver(attempt, body, what)
 
     # --- events -----------------------------------------------------------------------
 
@@ -192,9 +273,10 @@ class Forwarder:
             record = await self._event_record(event, event.user_message_id)
         event_type = junebug_event_type(event)
         event_url = record.get("event_url") if record is not None else None
-        if isinstance(event_url, str) and event_url and record is not None:
-            what = f"{event_type} event {event.event_id} of message {event.user_message_id}"
-            outcome = await self._forward_event(event_url, record, event_type, event, what)
+        mid = event.user_message_id
+        if isinstance(event_url, str) and event_url and record is not None and mid is not None:
+            what = f"{event_type} event {event.event_id} of message {mid}"
+            outcome = await self._forward_event(event_url, record, event_type, event, mid, what)
             if outcome is Outcome.STOPPED:
                 return
             if outcome is Outcome.GAVE_UP:
@@ -226,21 +308,42 @@ class Forwarder:
         record: Mapping[str, object],
         event_type: str | None,
         event: VumiEvent,
+        message_id: str,
         what: str,
     ) -> Outcome:
         if event_type is None:
             self._log.info("discarding unrecognised event %s", event.event_id)
             return Outcome.DELIVERED
         token = record.get("event_auth_token")
+        callback = Callback(event_url, token if isinstance(token, str) else None, self._secret)
+        body = api_event(event, self._cid)
+        channel_data = record.get("channel_data")
+        session_event = (
+            channel_data.get("session_event") if isinstance(channel_data, dict) else None
+        )
+        values = {
+            "message_id": message_id,
+            "channel_id": body["channel_id"],
+            "event_type": event_type,
+            "from": record.get("from"),
+            "to": record.get("to"),
+            "session_event": session_event,
+        }
         try:
-            target = WebhookTarget.parse(event_url, token if isinstance(token, str) else None)
+            target = callback.target(values)
         except WebhookError as exc:
             self._log.error(
                 "%s: event_url %s is unusable: %s", what, safe_url(event_url), exc.reason
             )
             return Outcome.GAVE_UP
-        body = api_event(event, self._cid)
-        return await self._deliver(self._event_component, target, body, what)
+        attempt = _Delivery(
+            component=self._event_component,
+            target=EVENT_TARGET,
+            webhook=target,
+            message_id=message_id,
+            delivery_id=delivery_id(EVENT_TARGET, event.event_id),
+        )
+        return await self._deliver(attempt, body, what)
 
     # --- AMQP-originated outbound -----------------------------------------------------
 
@@ -262,21 +365,24 @@ class Forwarder:
 
     # --- helpers ----------------------------------------------------------------------
 
-    async def _deliver(
-        self, component: str, target: WebhookTarget, body: Mapping[str, object], what: str
-    ) -> Outcome:
+    async def _deliver(self, delivery: _Delivery, body: Mapping[str, object], what: str) -> Outcome:
         """POST until a 2xx answer, backing off; give up after settings.webhook_max_age.
+        Each attempt is recorded in the message's timeline; each failed one is counted.
 
         The age counts from the first attempt in this process: after a restart a message
         gets a fresh allowance rather than being dropped on its first failure.
         """
+        component, target = delivery.component, delivery.webhook
         backoff = Backoff(initial=self._retry_initial, cap=self._retry_cap)
         first_attempt = trio.current_time()
         max_age = self._settings.webhook_max_age
         while True:
+            attempt = backoff.attempts + 1
             try:
-                await post_json(self._http, target, body)
+                status = await post_json(self._http, target, body, delivery=delivery.delivery_id)
             except WebhookError as exc:
+                self._counters.inc("webhook_failures_total", delivery.target)
+                await self._record_attempt(delivery, attempt, exc.status, exc.reason)
                 age = trio.current_time() - first_attempt
                 if exc.permanent or age >= max_age:
                     self._log.error(
@@ -301,9 +407,34 @@ class Forwarder:
                 if not await self._shutdown.sleep(delay):
                     return Outcome.STOPPED
             else:
+                await self._record_attempt(delivery, attempt, status, None)
                 self._log.info("%s delivered to %s", what, component)
                 self._report_recovered(component, target)
                 return Outcome.DELIVERED
+
+    async def _record_attempt(
+        self, delivery: _Delivery, attempt: int, status: int | None, error: str | None
+    ) -> None:
+        """One timeline entry per attempt, stored with the message's events."""
+        entry = {
+            "message_type": "timeline",
+            "timestamp": vumi_timestamp(),
+            "stage": TIMELINE_STAGE,
+            "details": {
+                "target": delivery.target,
+                "attempt": attempt,
+                "status": status,
+                "error": error,
+                "delivered": error is None,
+            },
+        }
+        await self._store.add_event(
+            self._cid,
+            delivery.message_id,
+            uuid.uuid4().hex,
+            entry,
+            self._settings.outbound_message_ttl,
+        )
 
     def _report_failing(self, component: str, target: WebhookTarget, reason: str) -> None:
         if component in self._failing:
@@ -330,6 +461,12 @@ class Forwarder:
         )
 
     async def _count(self, label: str) -> None:
+        """`label` is "inbound" or a Junebug event type."""
+        if self.counts_traffic:
+            if label == "inbound":
+                self._counters.inc("messages_in_total")
+            else:
+                self._counters.inc("events_total", label)
         window = self._settings.metric_window
         bucket = int(time.time() / window)
         await self._store.incr_rate(self._cid, label, bucket, math.ceil(2 * window))

@@ -19,17 +19,20 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from channel_proc.control import ChannelControl
+from channel_proc.control_state import ControlState
+from channel_proc.counters import Counters
 from channel_proc.events import StatusMail, StatusReporter
 from channel_proc.forwarder import Forwarder, Routes
 from channel_proc.link import QueueLink
-from channel_proc.outbound import OutboundActor
+from channel_proc.metrics import RuntimeSnapshots, SendRate, link_up_from
+from channel_proc.outbound import OutboundActor, RateLimiter
 from channel_proc.routers.actor import RouterActor
 from channel_proc.routers.destination import DestinationForwarder
 from channel_proc.status import MAILBOX_SIZE, run_status_actor
 from channel_proc.transports import available_transports
 from channel_proc.transports.base import StatusLevel
 from channel_proc.transports.errors import ConfigError
-from channel_proc.webhook import WebhookError, WebhookTarget, safe_url
+from channel_proc.webhook import Callback, WebhookError, safe_url
 from ipc.client import open_ipc_client
 from ipc.errors import ConnectionClosedError, ProtocolError
 from ipc.messages import Role
@@ -70,6 +73,9 @@ class ChannelProperties(BaseModel):
     mo_url_auth_token: str | None = None
     status_url: str | None = None
     amqp_queue: str | None = None
+    signing_secret: str | None = None
+    rate_limit_count: int | None = None
+    rate_limit_window: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +112,10 @@ async def load_channel(store: StateStore, settings: Settings, channel_id: str) -
         properties = ChannelProperties.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"invalid channel properties: {describe_errors(exc)}") from exc
-    if properties.mo_url:
+    # A bad mo_url template is not fatal: the forwarder logs it and dead-letters.
+    if properties.mo_url and not Callback(properties.mo_url).is_template:
         try:
-            WebhookTarget.parse(properties.mo_url)
+            Callback(properties.mo_url).check()
         except WebhookError as exc:
             raise ConfigError(f"mo_url {safe_url(properties.mo_url)}: {exc.reason}") from exc
     transports = available_transports(settings)
@@ -171,6 +178,7 @@ async def run_channel_process(
     props = spec.properties
     mail_send, mail_recv = trio.open_memory_channel[StatusMail](MAILBOX_SIZE)
     reporter = StatusReporter(mail_send)
+    counters = Counters()
     async with (
         httpx.AsyncClient(timeout=settings.webhook_timeout) as http,
         trio.open_nursery() as infra,
@@ -186,6 +194,8 @@ async def run_channel_process(
                 store=store,
                 http=http,
                 status_url=props.status_url,
+                signing_secret=props.signing_secret,
+                counters=counters,
             )
         )
         await _clear_config_error(store, cid, reporter)
@@ -193,13 +203,31 @@ async def run_channel_process(
             broker, namespace, cid, reporter, store=store, note_ttl=settings.outbound_message_ttl
         )
         transport = spec.transport_class(spec.config, link)
+        control_state = ControlState(store, cid)
+        send_rate = SendRate()
         outbound = OutboundActor(
             broker=broker,
             namespace=namespace,
             channel_id=cid,
             transport=transport,
             shutdown=shutdown,
+            control=control_state,
+            rate_limit=RateLimiter(props.rate_limit_count, props.rate_limit_window),
+            counters=counters,
+            send_rate=send_rate,
         )
+        snapshots = RuntimeSnapshots(
+            store=store,
+            broker=broker,
+            namespace=namespace,
+            channel_id=cid,
+            counters=counters,
+            send_rate=send_rate,
+            control=control_state,
+            oldest_outbound_age=outbound.oldest_outbound_age,
+            link_up=link_up_from(reporter),
+        )
+        await infra.start(snapshots.run)
         consumers = _consumers(
             spec,
             routing,
@@ -210,6 +238,7 @@ async def run_channel_process(
             http=http,
             reporter=reporter,
             shutdown=shutdown,
+            counters=counters,
         )
         control = ChannelControl(
             channel_id=cid,
@@ -245,6 +274,7 @@ def _consumers(
     http: httpx.AsyncClient,
     reporter: StatusReporter,
     shutdown: Shutdown,
+    counters: Counters,
 ) -> list[Forwarder | RouterActor]:
     """Who consumes the channel's inbound messages and events: its forwarder, or its router
     (plus, in the router's home process, a forwarder per destination)."""
@@ -261,10 +291,12 @@ def _consumers(
                     mo_url=props.mo_url,
                     mo_url_auth_token=props.mo_url_auth_token,
                     amqp_queue=props.amqp_queue,
+                    signing_secret=props.signing_secret,
                 ),
                 settings=settings,
                 reporter=reporter,
                 shutdown=shutdown,
+                counters=counters,
             )
         ]
     if spec.properties.mo_url is not None or spec.properties.amqp_queue is not None:
@@ -281,6 +313,7 @@ def _consumers(
             routing=routing,
             settings=settings,
             shutdown=shutdown,
+            counters=counters,
         )
     ]
     if routing.home:
@@ -296,6 +329,8 @@ def _consumers(
                 settings=settings,
                 reporter=reporter,
                 shutdown=shutdown,
+                channel_signing_secret=spec.properties.signing_secret,
+                counters=counters,
             )
             for destination in routing.destinations.values()
         ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -18,12 +19,13 @@ import trio
 from channel_proc.backoff import Backoff
 from channel_proc.events import JsonObject, StatusMail, StatusQuery, StatusReported
 from channel_proc.transports.base import StatusLevel
-from channel_proc.webhook import WebhookError, WebhookTarget, post_json, safe_url
+from channel_proc.webhook import Callback, WebhookError, post_json, safe_url
 from ipc.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
     import httpx
 
+    from channel_proc.counters import Counters
     from ipc.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -120,10 +122,15 @@ async def run_status_actor(
     http: httpx.AsyncClient,
     status_url: str | None,
     store_check_interval: float = STORE_CHECK_INTERVAL,
+    signing_secret: str | None = None,
+    counters: Counters | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until cancelled or until every sender of `mail_recv` is closed."""
-    target = _status_target(status_url)
+    """Run until cancelled or until every sender of `mail_recv` is closed.
+
+    status_url may be a template (channel_proc.templates); `signing_secret` signs its POSTs;
+    failed POST attempts count in `counters` (webhook_failures_total, status_url)."""
+    target = _status_target(status_url, signing_secret)
     book = _Book(channel_id, posting=target is not None)
 
     async def write_to_store() -> None:
@@ -153,11 +160,11 @@ async def run_status_actor(
             except StoreUnavailableError as exc:
                 book.store_failed(exc)
 
-    async def post_to_status_url(target: WebhookTarget) -> None:
+    async def post_to_status_url(target: Callback) -> None:
         while True:
             await book.post_wakeup.wait()
             while book.unposted:
-                await _post_with_retries(http, target, book.unposted.popleft())
+                await _post_with_retries(http, target, book.unposted.popleft(), counters)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write_to_store)
@@ -197,11 +204,13 @@ def _store_recovered(outage: float) -> StatusReported:
     )
 
 
-def _status_target(status_url: str | None) -> WebhookTarget | None:
+def _status_target(status_url: str | None, signing_secret: str | None) -> Callback | None:
     if not status_url:
         return None
+    target = Callback(status_url, signing_secret=signing_secret)
     try:
-        return WebhookTarget.parse(status_url)
+        target.check()
+        return target
     except WebhookError as exc:
         log.error(
             "status_url %s is unusable, statuses will not be posted: %s",
@@ -212,14 +221,19 @@ def _status_target(status_url: str | None) -> WebhookTarget | None:
 
 
 async def _post_with_retries(
-    http: httpx.AsyncClient, target: WebhookTarget, record: JsonObject
+    http: httpx.AsyncClient, callback: Callback, record: JsonObject, counters: Counters | None
 ) -> None:
     """A few bounded attempts: statuses are also in the store, so a lost POST costs little."""
     backoff = Backoff(initial=0.5, cap=5.0)
+    values = {k: record.get(k) for k in ("channel_id", "component", "status")}
+    # A status has no id of its own: one per POST, the same for its retries.
+    delivery = uuid.uuid4().hex
     for attempt in range(1, POST_ATTEMPTS + 1):
         try:
-            await post_json(http, target, record)
+            await post_json(http, callback.target(values), record, delivery=delivery)
         except WebhookError as exc:
+            if counters is not None:
+                counters.inc("webhook_failures_total", "status_url")
             if exc.permanent or attempt == POST_ATTEMPTS:
                 log.warning(
                     "could not post %s status %s to status_url: %s",

@@ -1,38 +1,56 @@
-"""One webhook POST (mo_url, event_url, status_url): auth from the URL and a token, errors mapped.
+"""One webhook POST (mo_url, event_url, status_url): URL templates rendered, auth from the URL
+and a token, delivery id and HMAC signature headers, errors mapped.
 
-WebhookError(permanent)   the POST did not get a 2xx answer
+WebhookError(permanent, status)   the POST did not get a 2xx answer
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
+
+from channel_proc.templates import TemplateError, check_template, is_template, render
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+#: Stable across the retries of one delivery, so receivers can de-duplicate.
+DELIVERY_HEADER: Final = "X-Junebug-Delivery"
+#: "sha256=<hex HMAC-SHA256 of the exact body bytes>", keyed with the signing secret (UTF-8).
+SIGNATURE_HEADER: Final = "X-Junebug-Signature"
+
 
 class WebhookError(Exception):
-    """A POST failed; `permanent` when sending it again cannot help (e.g. a malformed URL)."""
+    """A POST failed; `permanent` when sending it again cannot help (e.g. a malformed URL);
+    `status` is the HTTP status when there was an answer."""
 
-    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+    def __init__(self, reason: str, *, permanent: bool = False, status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
 class WebhookTarget:
-    """A URL with its userinfo taken out (sent as Basic auth) plus an optional token."""
+    """A URL with its userinfo taken out (sent as Basic auth), an optional token and an optional
+    signing secret."""
 
     url: str
     basic_auth: tuple[str, str] | None = None
     token: str | None = None
+    signing_secret: str | None = None
 
     @classmethod
-    def parse(cls, url: str, token: str | None = None) -> WebhookTarget:
+    def parse(
+        cls, url: str, token: str | None = None, signing_secret: str | None = None
+    ) -> WebhookTarget:
         """Raises WebhookError(permanent=True) for a URL httpx cannot use."""
         try:
             parsed = httpx.URL(url)
@@ -42,7 +60,7 @@ class WebhookTarget:
         if parsed.username or parsed.password:
             basic = (parsed.username, parsed.password)
             parsed = parsed.copy_with(username=None, password=None)
-        return cls(str(parsed), basic, token or None)
+        return cls(str(parsed), basic, token or None, signing_secret or None)
 
     @property
     def secrets(self) -> list[str]:
@@ -50,7 +68,49 @@ class WebhookTarget:
         found = [self.token] if self.token else []
         if self.basic_auth is not None:
             found.append(self.basic_auth[1])
+        if self.signing_secret:
+            found.append(self.signing_secret)
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class Callback:
+    """A configured webhook: a URL or URL template (see channel_proc.templates), its token and
+    the signing secret, turned into a WebhookTarget per request."""
+
+    url: str
+    token: str | None = None
+    signing_secret: str | None = None
+
+    @property
+    def is_template(self) -> bool:
+        return is_template(self.url)
+
+    def check(self) -> None:
+        """Raises WebhookError(permanent=True) when no request could ever use this URL: bad
+        template syntax or placeholder, or a plain URL httpx cannot use. (A template may still
+        render to an unusable URL for some values; `target` finds that out.)"""
+        if self.is_template:
+            try:
+                check_template(self.url)
+            except TemplateError as exc:
+                raise WebhookError(f"invalid URL template: {exc.reason}", permanent=True) from exc
+        else:
+            WebhookTarget.parse(self.url)
+
+    def target(self, values: Mapping[str, object]) -> WebhookTarget:
+        """The URL rendered with `values` (URL-quoted), parsed.
+
+        Raises:
+            WebhookError(permanent=True): invalid template, or the result is not a usable URL.
+        """
+        url = self.url
+        if self.is_template:
+            try:
+                url = render(self.url, values)
+            except TemplateError as exc:
+                raise WebhookError(f"invalid URL template: {exc.reason}", permanent=True) from exc
+        return WebhookTarget.parse(url, self.token, self.signing_secret)
 
 
 def safe_url(url: str) -> str:
@@ -61,19 +121,48 @@ def safe_url(url: str) -> str:
         return "<invalid URL>"
 
 
+def delivery_id(target: str, item_id: str) -> str:
+    """The X-Junebug-Delivery of `item_id` (message or event id) to `target` (mo_url,
+    event_url): the same for every retry, different per target."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{target}:{item_id}").hex
+
+
+def signature(secret: str, body: bytes) -> str:
+    """The X-Junebug-Signature of `body`."""
+    digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """The exact bytes POSTed (and signed); compact UTF-8 JSON, as httpx's `json=`."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 async def post_json(
-    http: httpx.AsyncClient, target: WebhookTarget, body: Mapping[str, Any]
-) -> None:
-    """POST `body` as JSON; return on a 2xx answer.
+    http: httpx.AsyncClient,
+    target: WebhookTarget,
+    body: Mapping[str, Any],
+    *,
+    delivery: str | None = None,
+) -> int:
+    """POST `body` as JSON with X-Junebug-Delivery `delivery` (when given) and, when the target
+    has a signing secret, X-Junebug-Signature; return the (2xx) status.
 
     Raises:
         WebhookError: any other answer, or no answer (permanent for unusable URLs).
     """
-    headers = {"Authorization": f"Token {target.token}"} if target.token else {}
+    content = encode_body(body)
+    headers = {"Content-Type": "application/json"}
+    if target.token:
+        headers["Authorization"] = f"Token {target.token}"
+    if delivery is not None:
+        headers[DELIVERY_HEADER] = delivery
+    if target.signing_secret:
+        headers[SIGNATURE_HEADER] = signature(target.signing_secret, content)
     # When both are set, Basic wins, as in the original (the auth flow replaces the header).
     auth = target.basic_auth or httpx.USE_CLIENT_DEFAULT
     try:
-        response = await http.post(target.url, json=body, headers=headers, auth=auth)
+        response = await http.post(target.url, content=content, headers=headers, auth=auth)
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
         raise WebhookError(f"cannot post to {target.url}: {exc}", permanent=True) from exc
     except httpx.TransportError as exc:
@@ -81,4 +170,8 @@ async def post_json(
         raise WebhookError(f"post to {target.url} failed: {type(exc).__name__}: {detail}") from exc
     if not response.is_success:
         snippet = response.text[:200]
-        raise WebhookError(f"{target.url} answered HTTP {response.status_code}: {snippet!r}")
+        raise WebhookError(
+            f"{target.url} answered HTTP {response.status_code}: {snippet!r}",
+            status=response.status_code,
+        )
+    return response.status_code

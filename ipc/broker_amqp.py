@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 _FAILURES: Final = (AMQPError, PAMQPException, ChannelInvalidStateError, OSError)
 _PUBLISH: Final = "publish"
 _ADMIN: Final = "admin"
+#: Passive declares (does it exist, how long is it) get a channel of their own.
+_PASSIVE: Final = "passive"
 #: Seconds one broker operation (connecting and retrying included) may take.
 OPERATION_TIMEOUT: Final = 10.0
 
@@ -90,6 +92,7 @@ class _Core:
         #: queue -> max_priority it was declared with on this connection.
         self._declared: dict[str, int] = {}
         self._setup = asyncio.Lock()
+        self._passive = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _connection(self) -> AbstractConnection:
@@ -187,8 +190,8 @@ class _Core:
             # Declared earlier with other arguments (another gateway, a vumi worker):
             # use it as it is rather than fail.
             log.warning("queue %s exists with other arguments; using it as declared", queue)
-            async with self._using(_ADMIN) as channel:
-                await channel.queue_declare(queue, passive=True)
+            # (Gone again meanwhile: the bind below fails, and the caller's retry declares it.)
+            await self._passive_declare(queue)
         async with self._using(_ADMIN) as channel:
             await channel.queue_bind(queue, EXCHANGE, routing_key=queue)
         self._declared[queue] = max_priority
@@ -256,14 +259,24 @@ class _Core:
         else:
             await channel.basic_nack(tag, requeue=requeue)
 
-    async def queue_length(self, queue: str) -> int:
-        async def once() -> int:
+    async def _passive_declare(self, queue: str) -> int | None:
+        """The queue's message count; None when it does not exist.
+
+        One at a time, on a channel of their own: RabbitMQ closes the channel of a passive
+        declare that fails (NOT_FOUND), which would fail every other operation in flight
+        on it (the declares of a channel process starting up, say).
+        """
+        async with self._passive:
             try:
-                async with self._using(_ADMIN) as channel:
+                async with self._using(_PASSIVE) as channel:
                     declared = await channel.queue_declare(queue, passive=True)
             except ChannelNotFoundEntity:
-                return 0
-            return declared.message_count or 0
+                return None
+        return declared.message_count or 0
+
+    async def queue_length(self, queue: str) -> int:
+        async def once() -> int:
+            return await self._passive_declare(queue) or 0
 
         return await self._retrying(once)
 

@@ -28,7 +28,7 @@ from ipc.broker import Broker, Consumer, Delivery
 from ipc.errors import BrokerUnavailableError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterable
     from pathlib import Path
 
 T = TypeVar("T")
@@ -42,6 +42,10 @@ BUSY_TIMEOUT: Final = 5.0
 #: idle, which bounds the delay when a ring is lost (or doorbells are unavailable).
 POLL_MIN: Final = 0.005
 POLL_MAX: Final = 0.1
+#: The idle poll of a consumer with a doorbell, which only a lost ring waits for (every
+#: publish and release rings); polling 10 times a second per consumer would cost a gateway of
+#: 50 idle channels most of a core.
+DOORBELL_POLL_MAX: Final = 1.0
 #: Doorbells are Unix datagram sockets in Linux's abstract namespace: no path-length limit,
 #: nothing left on disk by a killed process, and a missing one refuses at once.
 DOORBELLS_AVAILABLE: Final = sys.platform == "linux"
@@ -155,33 +159,46 @@ def _leave(conn: sqlite3.Connection, consumer: int, queue: str) -> list[int]:
     return _consumers_of(conn, queue) if released else []
 
 
-def _reclaim_dead(conn: sqlite3.Connection) -> int:
-    """Release the rows of consumers whose process is gone; returns how many were dead."""
+@dataclass(frozen=True, slots=True)
+class _Reclaimed:
+    """What a reclaim found: how many consumers were dead, and whom to ring for their rows
+    (the remaining consumers of their queues)."""
+
+    dead: int = 0
+    ring: tuple[int, ...] = ()
+
+
+def _reclaim_dead(conn: sqlite3.Connection) -> _Reclaimed:
+    """Release the rows of consumers whose process is gone."""
     now = time.time()
     dead = [
-        cid
-        for cid, pid, host, beat in conn.execute("SELECT id, pid, host, heartbeat FROM consumers")
+        (cid, queue)
+        for cid, queue, pid, host, beat in conn.execute(
+            "SELECT id, queue, pid, host, heartbeat FROM consumers"
+        )
         if now - beat > STALE_AFTER or (host == _HOST and not _pid_alive(pid))
     ]
-    for cid in dead:
+    for cid, _ in dead:
         _release(conn, cid)
-    return len(dead)
+    queues = {queue for _, queue in dead}
+    ring = tuple(cid for queue in sorted(queues) for cid in _consumers_of(conn, queue))
+    return _Reclaimed(len(dead), ring)
 
 
-def _open_consumer(conn: sqlite3.Connection, queue: str) -> tuple[int, int]:
-    """Declare the queue, reclaim dead consumers' rows, register: (consumer id, dead found)."""
+def _open_consumer(conn: sqlite3.Connection, queue: str) -> tuple[int, _Reclaimed]:
+    """Declare the queue, reclaim dead consumers' rows, register: (consumer id, reclaimed)."""
     _declare(conn, queue, 0)
-    dead = _reclaim_dead(conn)
+    reclaimed = _reclaim_dead(conn)
     cur = conn.execute(
         "INSERT INTO consumers (queue, pid, host, heartbeat) VALUES (?, ?, ?, ?)",
         (queue, os.getpid(), _HOST, time.time()),
     )
     assert cur.lastrowid is not None
-    return cur.lastrowid, dead
+    return cur.lastrowid, reclaimed
 
 
-def _beat(conn: sqlite3.Connection, consumer: int) -> tuple[bool, int]:
-    """Refresh our heartbeat and reclaim dead consumers' rows: (still registered, dead found).
+def _beat(conn: sqlite3.Connection, consumer: int) -> tuple[bool, _Reclaimed]:
+    """Refresh our heartbeat and reclaim dead consumers' rows: (still registered, reclaimed).
 
     Not registered means another process presumed us dead and released our rows.
     """
@@ -301,6 +318,7 @@ class SqliteBroker(Broker):
         self._arrivals = _Arrivals()
         self.poll_min = poll_min
         self.poll_max = max(poll_max, poll_min)
+        self.doorbell_poll_max = max(self.poll_max, DOORBELL_POLL_MAX)
         self._doorbell_prefix = doorbell_prefix
         self._ringer = _Ringer(doorbell_prefix) if doorbell_prefix is not None else None
         #: This broker's consumers: woken by `_arrivals`, so never rung.
@@ -318,7 +336,8 @@ class SqliteBroker(Broker):
         """Open (creating it if needed) the queue file.
 
         doorbells=False leaves cross-process wake-ups to polling alone. A waiting consumer
-        looks at its queue after `poll_min` seconds, doubling up to `poll_max` while idle.
+        looks at its queue after `poll_min` seconds, doubling up to `poll_max` while idle
+        (up to DOORBELL_POLL_MAX, if more, when it has a doorbell).
         """
         try:
             conn = await trio.to_thread.run_sync(_connect, path)
@@ -329,9 +348,15 @@ class SqliteBroker(Broker):
         prefix = _doorbell_prefix(path) if doorbells and DOORBELLS_AVAILABLE else None
         return cls(conn, doorbell_prefix=prefix, poll_min=poll_min, poll_max=poll_max)
 
-    def _ring(self, consumer_ids: list[int]) -> None:
+    def _ring(self, consumer_ids: Iterable[int]) -> None:
         if self._ringer is not None:
             self._ringer.ring([cid for cid in consumer_ids if cid not in self._own])
+
+    def _reclaimed(self, reclaimed: _Reclaimed) -> None:
+        """Wake whoever may now claim rows released from dead consumers."""
+        if reclaimed.dead:
+            self._arrivals.notify_all()
+            self._ring(reclaimed.ring)
 
     # --- database access ----------------------------------------------------------------
 
@@ -396,10 +421,9 @@ class SqliteBroker(Broker):
         """
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
-        consumer_id, dead = await self._write(functools.partial(_open_consumer, queue=queue))
+        consumer_id, reclaimed = await self._write(functools.partial(_open_consumer, queue=queue))
         self._own.add(consumer_id)
-        if dead:
-            self._arrivals.notify_all()
+        self._reclaimed(reclaimed)
         doorbell = None
         if self._doorbell_prefix is not None:
             doorbell = _Doorbell.open(self._doorbell_prefix + str(consumer_id))
@@ -547,7 +571,10 @@ class _SqliteConsumer(Consumer):
     def _next_interval(self, interval: float, *, polled: bool) -> float:
         """Back off while polling finds nothing; start over once woken."""
         broker = self._broker
-        return min(interval * 2, broker.poll_max) if polled else broker.poll_min
+        if not polled:
+            return broker.poll_min
+        cap = broker.poll_max if self._doorbell is None else broker.doorbell_poll_max
+        return min(interval * 2, cap)
 
     async def _wait_for_arrival(self, seen: int, interval: float) -> bool:
         """Wait for a publish (ours, or a ring from another process) or `interval` seconds.
@@ -564,6 +591,9 @@ class _SqliteConsumer(Consumer):
                 if self._doorbell is None:
                     await trio.sleep_forever()
                 await self._doorbell.wait()
+            except trio.ClosedResourceError:
+                # The consume block ended (closing the doorbell) under a receive.
+                raise BrokerUnavailableError("the consumer is closed") from None
             finally:
                 waiting.discard(scope)
                 if not waiting:
@@ -596,11 +626,10 @@ class _SqliteConsumer(Consumer):
         if trio.current_time() < self._next_heartbeat:
             return
         self._next_heartbeat = trio.current_time() + HEARTBEAT_INTERVAL
-        registered, dead = await self._broker._write(
+        registered, reclaimed = await self._broker._write(
             functools.partial(_beat, consumer=self._id), durable=False
         )
-        if dead:
-            self._broker._arrivals.notify_all()
+        self._broker._reclaimed(reclaimed)
         if not registered:
             self.closed = True
             raise BrokerUnavailableError(

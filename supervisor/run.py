@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATALOG_TIMEOUT: Final = 60.0
+#: Stored channels started at once when the supervisor boots.
+BOOT_CONCURRENCY: Final = (os.cpu_count() or 1) + 2
 _LISTEN_BACKLOG: Final = 1024
 #: sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH: Final = 107
@@ -366,13 +368,12 @@ class _Boot:
                     self._fail(exit.code)
                     return
             cids = await store.list_channels()
-            for cid in cids:
-                spec = channel_spec(self.commands, self.settings, self.policy, cid)
-                # The API serves while channels are restored: one it has just created or
-                # restarted is already in the tree and must not be started twice.
-                exit = await tree.start(spec, replace=False)
-                if exit is not None:
-                    log.error("channel %s did not start: %s", cid, exit.reason)
+            # A few at a time: a channel process's start is mostly CPU (imports), so one
+            # at a time leaves cores idle, and all at once makes every one of them late.
+            limiter = trio.CapacityLimiter(BOOT_CONCURRENCY)
+            async with trio.open_nursery() as starting:
+                for cid in cids:
+                    starting.start_soon(self._restore_channel, tree, limiter, cid)
         except ShuttingDownError:
             return
         except StoreUnavailableError as exc:
@@ -391,6 +392,20 @@ class _Boot:
             self.run_dir,
         )
         task_status.started(Running(run_dir=self.run_dir, api_address=(host, port)))
+
+    async def _restore_channel(
+        self, tree: ChildTree, limiter: trio.CapacityLimiter, cid: str
+    ) -> None:
+        spec = channel_spec(self.commands, self.settings, self.policy, cid)
+        async with limiter:
+            try:
+                # The API serves while channels are restored: one it has just created or
+                # restarted is already in the tree and must not be started twice.
+                exit = await tree.start(spec, replace=False)
+            except ShuttingDownError:
+                return
+        if exit is not None:
+            log.error("channel %s did not start: %s", cid, exit.reason)
 
     def _fail(self, code: int) -> None:
         known = (exit_codes.EXIT_CONFIG, exit_codes.EXIT_UNAVAILABLE)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint
 
 from api import lifecycle
-from api.channel_object import channel_object, stored_properties
+from api.channel_object import channel_object, has_destination, stored_properties
 from api.deps import api_context, queue_broker, state_store
 from api.errors import (
     ApiUsageError,
@@ -17,8 +17,11 @@ from api.errors import (
     SupervisorUnavailableError,
     envelope,
 )
+from api.queue_control import queue_snapshot
+from api.routers import router_of_channel
 from api.routes.body import read_body
 from api.schemas import CHANNEL_CREATE_VALIDATOR, CHANNEL_MODIFY_VALIDATOR
+from api.templates import check_channel_templates
 from ipc.names import new_channel_id
 
 if TYPE_CHECKING:
@@ -33,7 +36,7 @@ JsonObject = dict[str, Any]
 blueprint = Blueprint("channels", __name__)
 
 #: Properties only the API reads: changing just these needs no channel restart.
-_API_ONLY_KEYS = frozenset({"label", "metadata", "character_limit"})
+_API_ONLY_KEYS = frozenset({"label", "metadata", "character_limit", "queue_limit"})
 
 
 async def load_channel(channel_id: str) -> JsonObject:
@@ -44,8 +47,10 @@ async def load_channel(channel_id: str) -> JsonObject:
 
 
 async def _render(context: ApiContext, channel_id: str, properties: JsonObject) -> JsonObject:
+    store = state_store()
+    queues = await queue_snapshot(store, queue_broker(), context.namespace, channel_id)
     return await channel_object(
-        state_store(), channel_id, properties, context.settings.metric_window
+        store, channel_id, properties, context.settings.metric_window, queues=queues
     )
 
 
@@ -70,6 +75,7 @@ async def create_channel() -> Response:
     context = api_context()
     body = await read_body(CHANNEL_CREATE_VALIDATOR)
     properties = stored_properties(body)
+    check_channel_templates(properties)
     await _check(context, properties)
     store = state_store()
     channel_id = new_channel_id()
@@ -97,10 +103,18 @@ async def modify_channel(channel_id: str) -> Response:
     body = await read_body(CHANNEL_MODIFY_VALIDATOR)
     previous = await load_channel(channel_id)
     changes = stored_properties(body)
+    check_channel_templates(changes)
     merged = {**previous, **changes}
     if "type" in changes or "config" in changes or "amqp_queue" in changes:
         await _check(context, merged)
     store = state_store()
+    if ("mo_url" in changes or "amqp_queue" in changes) and has_destination(merged):
+        router_id = await router_of_channel(store, channel_id)
+        if router_id is not None:
+            raise ApiUsageError(
+                f"Router {router_id} routes channel {channel_id}: a routed channel has no "
+                "mo_url or amqp_queue of its own (its router's destinations have them)"
+            )
     await store.save_channel(channel_id, merged)
     if any(key not in _API_ONLY_KEYS and _changed(previous, merged, key) for key in changes):
         await _apply(context, channel_id, previous)
@@ -133,6 +147,12 @@ async def _apply(context: ApiContext, channel_id: str, previous: JsonObject) -> 
 async def delete_channel(channel_id: str) -> Response:
     context = api_context()
     await load_channel(channel_id)
+    router_id = await router_of_channel(state_store(), channel_id)
+    if router_id is not None:
+        raise ApiUsageError(
+            f"Router {router_id} routes channel {channel_id}: delete the router first "
+            "(or change its config to route other channels)"
+        )
     await lifecycle.stop_channel(context.supervisor, context.settings, channel_id)
     await state_store().delete_channel(channel_id)
     broker = queue_broker()

@@ -18,6 +18,7 @@ from quart import Blueprint
 from api.deps import api_context, state_store
 from api.errors import ApiUsageError, envelope
 from api.logs import read_logs
+from api.queue_control import effective_queue_limit
 from api.routers import (
     InvalidRouterConfigError,
     InvalidRouterDestinationConfigError,
@@ -49,6 +50,7 @@ from api.schemas import (
     DESTINATION_PATCH_VALIDATOR,
     MESSAGE_SEND_VALIDATOR,
 )
+from api.templates import check_template
 from ipc.names import destinations_scope, new_destination_id
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ async def _check(
             f"has (available: {', '.join(sorted(catalog))})"
         )
     check_destination_config(schemas, properties.get("config"))
+    check_template("mo_url", properties.get("mo_url"))
     check_amqp_queue(context, properties)
     destinations = await load_destinations(state_store(), router.router_id)
     destinations[destination_id] = properties
@@ -204,6 +207,7 @@ async def send_destination_message(router_id: str, destination_id: str) -> Respo
         raise ApiUsageError(f"Router {router_id} routes no channel to send through")
     channel_id = router.channels[0]
     check_addressed(body)
+    check_template("event_url", body.get("event_url"))
     channel = await load_channel(channel_id)
     target = SendTarget(
         channel_id=channel_id,
@@ -212,8 +216,10 @@ async def send_destination_message(router_id: str, destination_id: str) -> Respo
         record_extra={"destination_id": destination_id, "router_id": router_id},
         record_owners=(destination_id,),
         rate_owners=(destination_id, router_id),
+        owner_id=destination_id,
+        queue_limit=effective_queue_limit(channel, context.settings.default_queue_limit),
     )
-    return envelope(201, "message submitted", await submit_message(context, target, body))
+    return (await submit_message(context, target, body)).response()
 
 
 @blueprint.get(f"{_BASE}/<destination_id>/messages/<message_id>")

@@ -1,8 +1,10 @@
-"""GET /channels/{cid}/logs?n=N: a channel's latest log entries, newest first (behaviour 9.3)."""
+"""GET /channels/{cid}/logs?n=N[&message_id=MID]: a channel's latest log entries, newest first
+(behaviour 9.3), optionally only those about one message (issue 7)."""
 
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -41,6 +43,8 @@ def _requested_count(max_logs: int) -> int:
 async def channel_logs(channel_id: str) -> Response:
     settings = api_context().settings
     n = _requested_count(settings.max_logs)
+    message_id = request.args.get("message_id")
     await load_channel(channel_id)
-    entries = await trio.to_thread.run_sync(read_logs, settings.logging_path, channel_id, n)
+    read = partial(read_logs, settings.logging_path, channel_id, n, message_id=message_id)
+    entries = await trio.to_thread.run_sync(read)
     return envelope(200, "logs retrieved", entries)

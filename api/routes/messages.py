@@ -12,21 +12,32 @@ from quart import Blueprint
 from api.channel_object import current_bucket, has_destination
 from api.deps import api_context, queue_broker, state_store
 from api.errors import ApiUsageError, MessageNotFoundError, envelope
+from api.idempotency import (
+    IDEMPOTENCY_TTL,
+    idempotency_locks,
+    idempotency_scope,
+    requested_key,
+)
 from api.outbound import (
     check_character_limit,
+    expires_at_of,
     outbound_record,
     plain_message,
     priority_of,
     reply_message,
+    set_expiry,
 )
+from api.queue_control import check_queue_room, effective_queue_limit
 from api.routers import router_of_channel
 from api.routes.body import read_body
 from api.routes.channels import load_channel
 from api.schemas import MESSAGE_SEND_VALIDATOR
+from api.templates import check_template
+from api.timeline import record_stage, split_entries
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import encode_payload
 from ipc.errors import StoreUnavailableError
-from ipc.payloads import VumiEvent, VumiMessage, api_event, api_message
+from ipc.payloads import VumiMessage, api_message
 
 if TYPE_CHECKING:
     from quart import Response
@@ -58,6 +69,14 @@ class SendTarget:
     record_owners: tuple[str, ...] = ()
     #: Besides the channel, whose outbound rate counts the send.
     rate_owners: tuple[str, ...] = ()
+    #: Whose idempotency keys the send's key is one of (the endpoint's channel/destination).
+    owner_id: str | None = None
+    #: Queued outbound messages of the channel beyond which the send gets 429.
+    queue_limit: int | None = None
+
+    @property
+    def idempotency_owner(self) -> str:
+        return self.owner_id or self.channel_id
 
 
 async def _channel_with_destination(channel_id: str) -> tuple[JsonObject, str | None]:
@@ -114,22 +133,61 @@ def check_addressed(body: JsonObject) -> None:
         raise ApiUsageError('Either "to" or "reply_to" must be specified')
 
 
-async def submit_message(context: ApiContext, target: SendTarget, body: JsonObject) -> JsonObject:
-    """Build, check, record and queue one send (behaviour 4); the API message object."""
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A send's answer: the API message object, and whether it repeats an earlier send's."""
+
+    result: JsonObject
+    replayed: bool = False
+
+    def response(self) -> Response:
+        headers = {"Idempotent-Replayed": "true"} if self.replayed else None
+        return envelope(201, "message submitted", self.result, headers=headers)
+
+
+async def submit_message(context: ApiContext, target: SendTarget, body: JsonObject) -> Submitted:
+    """One send (behaviour 4), or the first one's answer when its idempotency key repeats."""
+    key = requested_key(body)
+    if key is None:
+        return Submitted(await _submit(context, target, body))
+    scope = idempotency_scope(target.idempotency_owner)
+    async with idempotency_locks().hold(f"{scope}\0{key}"):
+        earlier = await state_store().kv_get(scope, key)
+        if earlier is not None:
+            return Submitted(earlier, replayed=True)
+        result = await _submit(context, target, body)
+        try:
+            await state_store().kv_put(scope, key, result, IDEMPOTENCY_TTL)
+        except StoreUnavailableError as exc:
+            # Queued is queued: failing now would invite the very retry the key is for.
+            log.warning("idempotency key of message %s not kept: %s", result["message_id"], exc)
+    return Submitted(result)
+
+
+async def _submit(context: ApiContext, target: SendTarget, body: JsonObject) -> JsonObject:
+    """Build, check, record and queue one send; the API message object."""
     message = await _build_message(context, target, body)
     for limit in target.character_limits:
         check_character_limit(message.content, limit)
+    expires_at = expires_at_of(body)
+    set_expiry(message, expires_at)
     priority = priority_of(body)
     channel_id = target.channel_id
+    store = state_store()
+    await check_queue_room(store, queue_broker(), context.namespace, channel_id, target.queue_limit)
     result = api_message(message, channel_id)
     record = {**outbound_record(body, result, priority), **target.record_extra}
     ttl = context.settings.outbound_message_ttl
+    owners = (channel_id, *target.record_owners)
     # Every copy is written before the message is queued: its first event may be quick.
-    for owner in (channel_id, *target.record_owners):
-        await state_store().put_outbound(owner, message.message_id, record, ttl)
+    for owner in owners:
+        await store.put_outbound(owner, message.message_id, record, ttl)
+    accepted: JsonObject = {"priority": priority}
+    if expires_at is not None:
+        accepted["expires_at"] = expires_at
+    await record_stage(store, owners, message.message_id, "accepted", accepted, ttl)
     await _publish(context, channel_id, message, priority)
-    for owner in (channel_id, *target.rate_owners):
-        await _count_outbound(context, owner)
+    await _after_publish(context, target, message.message_id, owners)
     log.debug(
         "message queued",
         extra={"channel_id": channel_id, "msg_id": message.message_id, "priority": priority},
@@ -137,21 +195,32 @@ async def submit_message(context: ApiContext, target: SendTarget, body: JsonObje
     return result
 
 
+async def _after_publish(
+    context: ApiContext, target: SendTarget, message_id: str, owners: tuple[str, ...]
+) -> None:
+    ttl = context.settings.outbound_message_ttl
+    try:
+        await record_stage(state_store(), owners, message_id, "queued", {}, ttl)
+    except StoreUnavailableError as exc:
+        # The message is already queued; failing the request now would invite a duplicate.
+        log.warning("queued stage of message %s not recorded: %s", message_id, exc)
+    for owner in (target.channel_id, *target.rate_owners):
+        await _count_outbound(context, owner)
+
+
 async def message_status_result(context: ApiContext, owner_id: str, message_id: str) -> JsonObject:
     """A sent message's events as recorded under `owner_id` (a channel or a destination)."""
     record = await state_store().get_outbound(
         owner_id, message_id, context.settings.outbound_message_ttl
     )
-    stored = record.events if record is not None else []
-    events = [api_event(VumiEvent.model_validate(event), owner_id) for event in stored]
-    # Stable: events with equal timestamps keep the order they were stored in.
-    events.sort(key=lambda event: event["timestamp"])
+    events, timeline = split_entries(record.events if record is not None else [], owner_id)
     last = events[-1] if events else None
     return {
         "id": message_id,
         "last_event_type": last["event_type"] if last else None,
         "last_event_timestamp": last["timestamp"] if last else None,
         "events": events,
+        "timeline": timeline,
     }
 
 
@@ -161,13 +230,15 @@ async def send_message(channel_id: str) -> Response:
     body = await read_body(MESSAGE_SEND_VALIDATOR)
     properties, router_id = await _channel_with_destination(channel_id)
     check_addressed(body)
+    check_template("event_url", body.get("event_url"))
     target = SendTarget(
         channel_id=channel_id,
         reply_owners=(channel_id,),
         character_limits=(properties.get("character_limit"),),
         rate_owners=(router_id,) if router_id is not None else (),
+        queue_limit=effective_queue_limit(properties, context.settings.default_queue_limit),
     )
-    return envelope(201, "message submitted", await submit_message(context, target, body))
+    return (await submit_message(context, target, body)).response()
 
 
 @blueprint.get("/channels/<channel_id>/messages/<message_id>")

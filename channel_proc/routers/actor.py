@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from channel_proc.counters import Counters
 from channel_proc.deadletter import dead_letter
 from channel_proc.routers.logs import router_logger
 from ipc.codec import decode_vumi_event, decode_vumi_message
@@ -49,7 +50,10 @@ class RouterActor:
         routing: Routing,
         settings: Settings,
         shutdown: Shutdown,
+        counters: Counters | None = None,
     ) -> None:
+        """`counters`: the process's metrics registry, where the channel's inbound messages
+        and events are counted (a private one when not given)."""
         self._broker = broker
         self._store = store
         self._ns = namespace
@@ -59,6 +63,7 @@ class RouterActor:
         self._settings = settings
         self._shutdown = shutdown
         self._log = router_logger(self._rid)
+        self._counters = counters if counters is not None else Counters()
 
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Start both consumers, then run until a stop is requested and in-flight work ends."""
@@ -169,6 +174,10 @@ class RouterActor:
 
     async def _count(self, label: str) -> None:
         """Routed traffic counts for the channel (no forwarder counts it) and the router."""
+        if label == "inbound":
+            self._counters.inc("messages_in_total")
+        else:
+            self._counters.inc("events_total", label)
         window = self._settings.metric_window
         bucket = int(time.time() / window)
         for owner in (self._cid, self._rid):

@@ -1,5 +1,6 @@
 """A router destination's forwarder: the channel forwarder, pointed at `{did}.inbound` and
-`{did}.event`, delivering to the destination's mo_url (token auth), event_url and AMQP queue.
+`{did}.event`, delivering to the destination's mo_url (token auth), event_url and AMQP queue,
+signed with the destination's signing_secret, else the channel's.
 
 What it stores and counts is keyed by the destination id; messages an application sends on
 `{dest amqp_queue}.outbound` leave through the router's channel, recorded as the
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
     import httpx
 
+    from channel_proc.counters import Counters
     from channel_proc.events import StatusReporter
     from channel_proc.lifecycle import Shutdown
     from channel_proc.routers.loading import Destination
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 
 
 class DestinationForwarder(Forwarder):
+    # The router's dispatcher already counted its messages and events for the channel.
+    counts_traffic = False
+
     def __init__(
         self,
         *,
@@ -47,7 +52,11 @@ class DestinationForwarder(Forwarder):
         shutdown: Shutdown,
         retry_initial: float = 0.5,
         retry_cap: float = 60.0,
+        channel_signing_secret: str | None = None,
+        counters: Counters | None = None,
     ) -> None:
+        """`channel_signing_secret` (the routed channel's) signs webhooks of a destination
+        without a signing_secret of its own; `counters` gets its webhook failures."""
         did = destination.destination_id
         props = destination.properties
         super().__init__(
@@ -60,6 +69,7 @@ class DestinationForwarder(Forwarder):
                 mo_url=props.mo_url,
                 mo_url_auth_token=props.mo_url_token,
                 amqp_queue=props.amqp_queue,
+                signing_secret=props.signing_secret or channel_signing_secret,
             ),
             settings=settings,
             reporter=reporter,
@@ -68,6 +78,7 @@ class DestinationForwarder(Forwarder):
             retry_cap=retry_cap,
             logger=destination_logger(did),
             components=(f"destination:{did}:mo_url", f"destination:{did}:event_url"),
+            counters=counters,
         )
         self._router_id = router_id
         self._outbound_channel = outbound_channel

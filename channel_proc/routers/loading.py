@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from channel_proc.routers import available_routers
 from channel_proc.routers.base import RouterConfigError
 from channel_proc.transports.errors import ConfigError
-from channel_proc.webhook import WebhookError, WebhookTarget, safe_url
+from channel_proc.webhook import Callback, WebhookError, safe_url
 from ipc.names import ROUTERS_SCOPE, destinations_scope
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class DestinationProperties(BaseModel):
     mo_url: str | None = None
     mo_url_token: str | None = None
     amqp_queue: str | None = None
+    signing_secret: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +131,14 @@ def _destination(router_id: str, did: str, stored: dict[str, Any]) -> Destinatio
         properties = DestinationProperties.model_validate(stored)
     except ValidationError as exc:
         raise ConfigError(f"router {router_id}: destination {did}: {_errors(exc)}") from exc
-    if properties.mo_url:
+    callback = Callback(properties.mo_url) if properties.mo_url else None
+    # A bad template is not fatal: the destination forwarder logs it and dead-letters.
+    if callback is not None and not callback.is_template:
         try:
-            WebhookTarget.parse(properties.mo_url)
+            callback.check()
         except WebhookError as exc:
             raise ConfigError(
                 f"router {router_id}: destination {did}: mo_url "
-                f"{safe_url(properties.mo_url)}: {exc.reason}"
+                f"{safe_url(callback.url)}: {exc.reason}"
             ) from exc
     return Destination(did, properties, stored)

@@ -28,6 +28,17 @@ EMPTY_STATUS: JsonObject = {
     "delivery_succeeded_rate": 0,
     "delivery_failed_rate": 0,
     "delivery_pending_rate": 0,
+    # No snapshot from a channel process: the counts come from the broker.
+    "queues": {
+        "outbound": 0,
+        "inbound": 0,
+        "events": 0,
+        "oldest_outbound_age": None,
+        "send_rate": None,
+        "drain_seconds": None,
+        "paused": False,
+        "updated": None,
+    },
 }
 
 

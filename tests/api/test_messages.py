@@ -260,6 +260,15 @@ async def test_message_status_lists_events_oldest_first(api: Api, channel_id: st
     payload = await response.get_json()
     assert response.status_code == 200
     assert payload["description"] == "message status"
+    timeline = payload["result"].pop("timeline")
+    # The two events (dated 2024) come before the API's stages of the send (dated now).
+    assert [(entry["stage"], entry["details"].get("event_type")) for entry in timeline] == [
+        ("event", "submitted"),
+        ("event", "delivery_succeeded"),
+        ("accepted", None),
+        ("queued", None),
+    ]
+    assert timeline[0]["details"]["provider_message_id"] == "smsc-1"
     assert payload["result"] == {
         "id": message_id,
         "last_event_type": "delivery_succeeded",
@@ -292,4 +301,5 @@ async def test_status_of_unknown_message_is_empty(api: Api, channel_id: str) -> 
         "last_event_type": None,
         "last_event_timestamp": None,
         "events": [],
+        "timeline": [],
     }

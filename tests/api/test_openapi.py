@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from pydantic import SecretStr
 from quart import Response
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -240,6 +241,82 @@ async def test_answers_match_the_document(api: Api) -> None:
     await call("/health/", "get", "/health/")
     await call("/channels/{channel_id}", "delete", f"/channels/{cid}")
     assert len(conformance.checked) == 14
+
+
+async def test_queue_control_answers_match_the_document(api: Api) -> None:
+    conformance = _Conformance(await _document(api))
+
+    async def call(template: str, method: str, url: str, body: object = None) -> JsonObject:
+        kwargs: JsonObject = {} if body is None else {"json": body}
+        response = await api.client.open(url, method=method.upper(), **kwargs)
+        payload: JsonObject = await response.get_json()
+        conformance.check(template, method, response.status_code, payload)
+        return payload
+
+    cid = await api.create_channel(mo_url="http://example.com/mo", queue_limit=1)
+    base = "/channels/{channel_id}"
+    await call(f"{base}/pause", "post", f"/channels/{cid}/pause")
+    await call(f"{base}/resume", "post", f"/channels/{cid}/resume")
+    await call(f"{base}/pause", "post", "/channels/nope/pause")
+    send = f"{base}/messages/"
+    sent = await call(send, "post", f"/channels/{cid}/messages/", {"to": "1", "content": "x"})
+    await call(send, "post", f"/channels/{cid}/messages/", {"to": "1", "content": "x"})
+    mid = sent["result"]["message_id"]
+    status = await call(f"{base}/messages/{{message_id}}", "get", f"/channels/{cid}/messages/{mid}")
+    assert [entry["stage"] for entry in status["result"]["timeline"]] == ["accepted", "queued"]
+    one = f"{base}/messages/{{message_id}}"
+    await call(one, "delete", f"/channels/{cid}/messages/{mid}")
+    await call(one, "delete", f"/channels/{cid}/messages/unknown")
+    await call(f"{base}/messages/cancel", "post", f"/channels/{cid}/messages/cancel")
+    await call(f"{base}/logs", "get", f"/channels/{cid}/logs?message_id={mid}")
+    channel = await call(base, "get", f"/channels/{cid}")
+    assert channel["result"]["status"]["queues"]["outbound"] == 1
+    assert conformance.checked == {
+        (f"{base}/pause", "post", 200),
+        (f"{base}/resume", "post", 200),
+        (f"{base}/pause", "post", 404),
+        (send, "post", 201),
+        (send, "post", 429),
+        (f"{base}/messages/{{message_id}}", "get", 200),
+        (one, "delete", 200),
+        (one, "delete", 400),
+        (f"{base}/messages/cancel", "post", 200),
+        (f"{base}/logs", "get", 200),
+        (base, "get", 200),
+    }
+
+
+async def test_unauthorized_answers_match_the_document(
+    embedded_settings: Settings, socket_dir: Path
+) -> None:
+    settings = embedded_settings.model_copy(update={"api_tokens": [SecretStr("t0ken")]})
+    async with open_api(settings, socket_dir) as api:
+        response = await api.client.get("/openapi.json", headers={"Authorization": "Bearer t0ken"})
+        document: JsonObject = await response.get_json()
+        conformance = _Conformance(document)
+        for path, methods in document["paths"].items():
+            for method, operation in methods.items():
+                url = path.replace("{", "").replace("}", "")
+                no_body: JsonObject = {}
+                answer = await api.client.open(url, method=method.upper(), **no_body)
+                if operation.get("security") == []:
+                    assert answer.status_code != 401, (path, method)
+                    continue
+                assert answer.status_code == 401, (path, method)
+                assert answer.headers["WWW-Authenticate"] == "Bearer"
+                conformance.check(path, method, 401, await answer.get_json())
+        assert len(conformance.checked) > 20
+
+
+async def test_metrics_is_documented_as_prometheus_text(http_api: Api) -> None:
+    document = await _document(http_api)
+    operation = document["paths"]["/metrics"]["get"]
+    assert list(operation["responses"]["200"]["content"]) == ["text/plain; version=0.0.4"]
+    assert document["paths"]["/health"]["get"]["security"] == []
+    assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    send = document["paths"]["/channels/{channel_id}/messages/"]["post"]
+    assert "Retry-After" in send["responses"]["429"]["headers"]
+    assert {p["name"] for p in send["parameters"]} == {"channel_id", "Idempotency-Key"}
 
 
 async def test_queue_reports_match_the_document(

@@ -614,6 +614,17 @@ async def test_destination_message_status(api: Api) -> None:
                 "event_details": {},
             }
         ],
+        "timeline": [
+            {
+                "timestamp": event.timestamp,
+                "stage": "event",
+                "details": {
+                    "event_type": "submitted",
+                    "event_details": {},
+                    "provider_message_id": "s",
+                },
+            }
+        ],
     }
 
 

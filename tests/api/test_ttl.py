@@ -132,6 +132,7 @@ async def test_events_are_kept_for_the_outbound_ttl(short_lived: Api) -> None:
         "last_event_type": None,
         "last_event_timestamp": None,
         "events": [],
+        "timeline": [],
     }
     # A late event starts a record of its own: the send record (event_url) is gone.
     await _add_event(api, channel_id, message_id, DeliveryStatus.FAILED)

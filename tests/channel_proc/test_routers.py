@@ -4,6 +4,8 @@ loader, and the dispatcher with destination forwarders on both backends against 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import sys
 import time
@@ -16,6 +18,7 @@ import httpx
 import pytest
 import trio
 
+from channel_proc.counters import Counters
 from channel_proc.lifecycle import Shutdown
 from channel_proc.routers import (
     ROUTERS,
@@ -34,6 +37,7 @@ from channel_proc.routers.from_address import (
 )
 from channel_proc.routers.loading import load_routing
 from channel_proc.transports.errors import ConfigError
+from channel_proc.webhook import delivery_id
 from ipc.codec import encode_payload
 from ipc.exit_codes import EXIT_OK
 from ipc.messages import ROUTER_CHANNEL_KEYWORD, ROUTER_DEFAULT_KEYWORD, RouterSchemas
@@ -275,10 +279,17 @@ async def test_load_routing_refuses_invalid_routers(
 
 @asynccontextmanager
 async def running_routing(
-    settings: Settings, namespace: Namespace, store: StateStore, broker: Broker, routing: Routing
+    settings: Settings,
+    namespace: Namespace,
+    store: StateStore,
+    broker: Broker,
+    routing: Routing,
+    *,
+    channel_signing_secret: str | None = None,
+    counters: Counters | None = None,
 ) -> AsyncIterator[StatusInbox]:
     """The router's dispatcher and its destinations' forwarders, as the channel process runs
-    them (with fast retries), until the block ends."""
+    them (with fast retries, sharing `counters`), until the block ends."""
     shutdown = Shutdown(grace=2.0)
     inbox = StatusInbox()
     async with httpx.AsyncClient(timeout=2.0) as http, trio.open_nursery() as nursery:
@@ -290,6 +301,7 @@ async def running_routing(
                 routing=routing,
                 settings=settings,
                 shutdown=shutdown,
+                counters=counters,
             )
         ]
         actors += [
@@ -306,6 +318,8 @@ async def running_routing(
                 shutdown=shutdown,
                 retry_initial=0.01,
                 retry_cap=0.05,
+                channel_signing_secret=channel_signing_secret,
+                counters=counters,
             )
             for destination in routing.destinations.values()
         ]
@@ -434,7 +448,8 @@ async def test_events_go_back_to_the_destination_that_sent_the_message(
         for where in (channel_id, owner):
             record = await store.get_outbound(where, mid, 60)
             assert record is not None
-            assert [e["event_id"] for e in record.events] == [events[mid].event_id]
+            kept = [e for e in record.events if e["message_type"] == "event"]
+            assert [e["event_id"] for e in kept] == [events[mid].event_id]
     record = await store.get_outbound(ids["c"], "m-a", 60)
     assert record is None
 
@@ -555,3 +570,71 @@ async def test_destination_amqp_queue_in_and_out(
         await forget_router(store, broker, namespace, rid)
         for queue in queues:
             await broker.delete_queue(queue)
+
+
+async def test_destination_webhooks_templates_signatures_and_counters(
+    settings: Settings,
+    namespace: Namespace,
+    store: StateStore,
+    broker: Broker,
+    channel_id: str,
+    webhook: FakeWebhook,
+) -> None:
+    """A destination signs with its own signing_secret, else the channel's; its mo_url may be
+    a template; the dispatcher counts the channel's traffic once, the destination forwarders
+    count their webhook failures; attempts land in the destination's timeline."""
+    own, inherits = str(uuid.uuid4()), str(uuid.uuid4())
+    rid = await store_router(
+        store,
+        channel_id,
+        {
+            own: {
+                "config": {"regular_expression": "^1$"},
+                "mo_url": webhook.url("/own/{channel_id}/{message_id}?to={to}"),
+                "signing_secret": "destination-secret",
+            },
+            inherits: {"config": {"regular_expression": "^2$"}, "mo_url": webhook.url("/inh")},
+        },
+    )
+    try:
+        to_own = VumiMessage(to_addr="1", from_addr="+1", transport_name=channel_id)
+        to_inherits = VumiMessage(to_addr="2", from_addr="+1", transport_name=channel_id)
+        webhook.fail_next(1, status=500)
+        for msg in (to_own, to_inherits):
+            await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
+        routing = await load_routing(store, settings, channel_id)
+        assert routing is not None
+        counters = Counters()
+        async with running_routing(
+            settings,
+            namespace,
+            store,
+            broker,
+            routing,
+            channel_signing_secret="channel-secret",
+            counters=counters,
+        ):
+            with trio.fail_after(WAIT):
+                await webhook.wait_for_requests(2, delivered_only=True)
+            for did in (own, inherits):
+                await wait_for_length(broker, namespace.inbound_queue(did), 0)
+        [own_request] = webhook.on_path(f"/own/{channel_id}/{to_own.message_id}?to=1")
+        [inherits_request] = webhook.on_path("/inh")
+        secrets = {"destination-secret": own_request, "channel-secret": inherits_request}
+        for secret, request in secrets.items():
+            digest = hmac.new(secret.encode(), request.body, hashlib.sha256).hexdigest()
+            assert request.headers["x-junebug-signature"] == f"sha256={digest}"
+        assert own_request.headers["x-junebug-delivery"] == delivery_id("mo_url", to_own.message_id)
+        assert counters.value("messages_in_total") == 2
+        assert counters.value("webhook_failures_total", "mo_url") == 1
+        failed_attempts = 0
+        for did, msg in ((own, to_own), (inherits, to_inherits)):
+            record = await store.get_outbound(did, msg.message_id, 60)
+            assert record is not None
+            attempts = [e["details"] for e in record.events if e["message_type"] == "timeline"]
+            assert attempts[-1]["delivered"] is True
+            assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
+            failed_attempts += len(attempts) - 1
+        assert failed_attempts == 1
+    finally:
+        await forget_router(store, broker, namespace, rid)

@@ -225,17 +225,15 @@ async def open_timed_smsc(**kwargs: Any) -> AsyncIterator[TimedSmsc]:
 
 
 async def create_smpp_channel(
-    gateway: Gateway, smsc: FakeSmsc, hook: FakeWebhook, **config: Any
+    gateway: Gateway, smsc: FakeSmsc, hook: FakeWebhook, *, routed: bool = False, **config: Any
 ) -> str:
+    """An smpp channel on `smsc`; its MO messages go to the hook's /mo, unless `routed`
+    (no mo_url: a router's destinations will have them)."""
+    body: dict[str, Any] = {"type": "smpp", "config": smpp_config(smsc, **config)}
+    if not routed:
+        body["mo_url"] = hook.url("/mo")
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as client:
-        response = await client.post(
-            f"{gateway.base_url}/channels/",
-            json={
-                "type": "smpp",
-                "mo_url": hook.url("/mo"),
-                "config": smpp_config(smsc, **config),
-            },
-        )
+        response = await client.post(f"{gateway.base_url}/channels/", json=body)
     body = response.json()
     assert response.status_code == 201, body
     channel_id: str = body["result"]["id"]

@@ -3,8 +3,8 @@
 An API worker killed while requests are in flight: those requests may fail, the other
 worker keeps answering, the supervisor starts a new worker, and every message the API
 accepted is sent exactly once. The supervisor killed: its children notice (stdin EOF) and
-stop by themselves, and the next start restores every channel and sends everything queued,
-including MO messages held while the mo_url was down.
+stop by themselves, and the next start restores every channel and router and sends
+everything queued, including MO messages held while the mo_url was down.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from ipc.settings import Settings
     from tests.e2e.gateway import Gateway
+    from tests.fakes.webhook import FakeWebhook
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -102,6 +103,19 @@ async def test_kill_9_api_worker_the_other_keeps_serving(settings: Settings, run
         assert set(submit_counts(smsc, sender).values()) == {1}
 
 
+async def add_router(gateway: Gateway, channel_id: str, hook: FakeWebhook) -> str:
+    response = await gateway.request(
+        "POST", "/routers/", {"type": "from_address", "config": {"channel": channel_id}}
+    )
+    assert response.status_code == 201, response.json()
+    router_id: str = response.json()["result"]["id"]
+    config = {"regular_expression": "^12345$", "default": True}
+    destination = {"config": config, "mo_url": hook.url("/mo")}
+    response = await gateway.request("POST", f"/routers/{router_id}/destinations/", destination)
+    assert response.status_code == 201, response.json()
+    return router_id
+
+
 def _accepted_at_least(accepted: dict[str, str], count: int) -> Callable[[], Awaitable[bool]]:
     async def enough() -> bool:
         return len(accepted) >= count
@@ -120,10 +134,12 @@ async def test_kill_9_supervisor_then_restart_restores_everything(
         running_gateway(settings, extra_args=args) as gateway,
     ):
         a = await create_smpp_channel(gateway, smsc_a, hook)
-        b = await create_smpp_channel(gateway, smsc_b, hook)
+        b = await create_smpp_channel(gateway, smsc_b, hook, routed=True)
+        # B's MO messages go through a router, to its one (default) destination.
+        rid = await add_router(gateway, b, hook)
         await wait_smpp_bound(gateway, a)
         await wait_smpp_bound(gateway, b)
-        # MO messages taken while the mo_url is down wait in the inbound queue.
+        # MO messages taken while the mo_url is down wait in the queues.
         hook.fail_path("/mo")
         mos = [f"mo {n}" for n in range(5)]
         for content in mos:
@@ -150,6 +166,8 @@ async def test_kill_9_supervisor_then_restart_restores_everything(
             await gateway.start()
             listed = (await gateway.request("GET", "/channels/")).json()["result"]
             assert sorted(listed) == sorted([a, b])
+            routers = (await gateway.request("GET", "/routers/")).json()["result"]
+            assert routers == [rid]
             with trio.fail_after(60):
                 await wait_all_submitted(smsc_a, sender)
                 await wait_all_events(hook, sender)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,58 +132,54 @@ async def test_a_release_rings_the_other_consumers(path: Path, nursery: trio.Nur
         await second.aclose()
 
 
-async def test_a_publish_from_another_process_rings(
-    path: Path, tmp_path: Path, nursery: trio.Nursery
-) -> None:
+async def test_a_publish_from_another_process_rings(path: Path, nursery: trio.Nursery) -> None:
     consumer_broker = await open_slow_poller(path)
-    script = textwrap.dedent(
-        f"""
-        import trio
-        from pathlib import Path
-        from ipc.broker_sqlite import SqliteBroker
-
-        async def main():
-            broker = await SqliteBroker.open(Path({str(path)!r}))
-            await broker.publish("q", b"from afar")
-            await broker.aclose()
-
-        trio.run(main)
-        """
+    script = "\n".join(
+        [
+            "import trio",
+            "from pathlib import Path",
+            "from ipc.broker_sqlite import SqliteBroker",
+            "async def main():",
+            f"    broker = await SqliteBroker.open(Path({str(path)!r}))",
+            '    await broker.publish("q", b"from afar")',
+            "    await broker.aclose()",
+            "trio.run(main)",
+        ]
     )
     try:
         got = await receive_in_background(consumer_broker, "q", nursery)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
         with trio.fail_after(30):
-            await trio.run_process([sys.executable, "-c", script], env=env)
+            await trio.run_process([sys.executable, "-c", script], env=child_env())
         with trio.fail_after(5):
             assert (await got.receive()).body == b"from afar"
     finally:
         await consumer_broker.aclose()
 
 
-@pytest.mark.slow
-async def test_a_killed_consumers_doorbell_does_not_fail_publishes(
-    path: Path, publisher: SqliteBroker
-) -> None:
-    """A consumer killed with SIGKILL stays registered (until reclaimed) with no doorbell."""
-    script = textwrap.dedent(
-        f"""
-        import sys, trio
-        from pathlib import Path
-        from ipc.broker_sqlite import SqliteBroker
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
 
-        async def main():
-            broker = await SqliteBroker.open(Path({str(path)!r}))
-            async with broker.consume("q", prefetch=1):
-                print("ready", flush=True)
-                await trio.sleep_forever()
 
-        trio.run(main)
-        """
+@asynccontextmanager
+async def consumer_process(path: Path, body: str) -> AsyncIterator[None]:
+    """Run the statement `body` inside `async with broker.consume("q", prefetch=1) as
+    consumer:` in another process; the block runs once it is done; then SIGKILL."""
+    script = "\n".join(
+        [
+            "import trio",
+            "from pathlib import Path",
+            "from ipc.broker_sqlite import SqliteBroker",
+            "async def main():",
+            f"    broker = await SqliteBroker.open(Path({str(path)!r}))",
+            '    async with broker.consume("q", prefetch=1) as consumer:',
+            f"        {body}",
+            '        print("ready", flush=True)',
+            "        await trio.sleep_forever()",
+            "trio.run(main)",
+        ]
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE
+        [sys.executable, "-c", script], env=child_env(), stdout=subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
@@ -194,15 +190,45 @@ async def test_a_killed_consumers_doorbell_does_not_fail_publishes(
                 assert chunk, "the consumer process exited early"
                 output += chunk
         assert output.strip() == b"ready"
+        yield
     finally:
         proc.kill()
         with trio.fail_after(10):
             await proc.wait()
         assert proc.stdout is not None
         await proc.stdout.aclose()
+
+
+@pytest.mark.slow
+async def test_a_killed_consumers_doorbell_does_not_fail_publishes(
+    path: Path, publisher: SqliteBroker
+) -> None:
+    """A consumer killed with SIGKILL stays registered (until reclaimed) with no doorbell."""
+    async with consumer_process(path, "pass"):
+        pass
     for n in range(3):
         await publisher.publish("q", b"m%d" % n)
     async with publisher.consume("q", prefetch=3) as consumer:
         with trio.fail_after(5):
             bodies = [(await consumer.receive()).body for _ in range(3)]
     assert bodies == [b"m0", b"m1", b"m2"]
+
+
+@pytest.mark.slow
+async def test_rows_reclaimed_from_a_killed_consumer_ring_the_others(
+    path: Path, publisher: SqliteBroker, nursery: trio.Nursery
+) -> None:
+    """Whoever finds the dead consumer (here: a consumer of another queue opening) rings the
+    remaining consumers of its queue for the rows it released."""
+    await publisher.publish("q", b"held")
+    waiting = await open_slow_poller(path)
+    try:
+        async with consumer_process(path, "await consumer.receive()"):
+            # Idle: "held" is claimed by the other process, which is alive.
+            got = await receive_in_background(waiting, "q", nursery)
+        async with publisher.consume("other", prefetch=1):
+            with trio.fail_after(5):
+                delivery = await got.receive()
+        assert (delivery.body, delivery.redelivered) == (b"held", True)
+    finally:
+        await waiting.aclose()

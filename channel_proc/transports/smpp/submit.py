@@ -153,6 +153,11 @@ class SubmitLine:
         """The send is over (done, failed or cancelled): its unwritten parts never go."""
         if not place.withdrawn:
             place.withdrawn = True
+            if any(sub.order[0] == place.number for sub in self._again):
+                # A throttled part nobody waits for any more must not go out unrecorded.
+                self._again = [sub for sub in self._again if sub.order[0] != place.number]
+                heapq.heapify(self._again)
+            self._trim()
             self._wake()
 
     async def response(self, sub: Submission, expiry: float) -> Pdu:
@@ -208,31 +213,26 @@ class SubmitLine:
     def _wake(self) -> None:
         self._work.set()
 
+    def _trim(self) -> None:
+        """Drop places at the head of the line that have nothing more to write."""
+        places = self._places
+        while places and (
+            places[0].withdrawn or (places[0].parts is not None and not places[0].parts)
+        ):
+            places.popleft()
+
     def _next(self) -> Submission | None:
         """The next PDU to write, if one is ready (a throttled one first, then in order)."""
         if self._again:
             return heapq.heappop(self._again)
-        places = self._places
-        while places:
-            head = places[0]
-            if head.parts:
-                if not head.withdrawn:
-                    return head.parts.popleft()
-                head.parts.clear()
-            if head.parts is None and not head.withdrawn:
-                return None
-            places.popleft()
+        self._trim()
+        if self._places and self._places[0].parts:
+            return self._places[0].parts.popleft()
         return None
 
     def _ready(self) -> bool:
-        if self._again:
-            return True
-        for place in self._places:
-            if place.parts and not place.withdrawn:
-                return True
-            if place.parts is None and not place.withdrawn:
-                return False
-        return False
+        self._trim()
+        return bool(self._again) or bool(self._places and self._places[0].parts)
 
     async def run(self) -> None:
         """Write PDUs for as long as the transport runs."""
