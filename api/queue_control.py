@@ -15,6 +15,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from api.queue_errors import ChannelQueueFullError
+from ipc.errors import BrokerUnavailableError
 from ipc.payloads import VUMI_DATE_FORMAT, vumi_timestamp
 
 if TYPE_CHECKING:
@@ -124,9 +125,14 @@ async def queue_snapshot(
     if stored is not None and _fresh(stored, now or dt.datetime.now(dt.UTC)):
         return {name: stored.get(name) for name in SNAPSHOT_FIELDS}
     snapshot: JsonObject = dict.fromkeys(SNAPSHOT_FIELDS)
-    snapshot["outbound"] = await broker.queue_length(namespace.outbound_queue(channel_id))
-    snapshot["inbound"] = await broker.queue_length(namespace.inbound_queue(channel_id))
-    snapshot["events"] = await broker.queue_length(namespace.event_queue(channel_id))
+    try:
+        snapshot["outbound"] = await broker.queue_length(namespace.outbound_queue(channel_id))
+        snapshot["inbound"] = await broker.queue_length(namespace.inbound_queue(channel_id))
+        snapshot["events"] = await broker.queue_length(namespace.event_queue(channel_id))
+    except BrokerUnavailableError:
+        # Counts are advisory: a broker outage must not hide the channel (or its `broker: down`
+        # status), nor turn a create that was already saved into a 503.
+        snapshot["outbound"] = snapshot["inbound"] = snapshot["events"] = None
     snapshot["paused"] = (await control_state(store, channel_id))["paused"]
     return snapshot
 

@@ -54,10 +54,10 @@ class ControlState:
         self.cancel_before: dt.datetime | None = None
         self.cancelled: frozenset[str] = frozenset()
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, force: bool = False) -> None:
         """Re-read the records unless the last read is fresher than the interval."""
         now = trio.current_time()
-        if self._read_at is not None and now - self._read_at < self._interval:
+        if not force and self._read_at is not None and now - self._read_at < self._interval:
             return
         self._read_at = now
         state: dict[str, Any] = (

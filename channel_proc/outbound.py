@@ -209,8 +209,15 @@ class OutboundActor:
             if window.redo:
                 item = window.redo.pop(0)
             else:
+                waited_from = trio.current_time()
                 delivery = await self._shutdown.receive(consumer)
                 if delivery is None:
+                    return None
+                if trio.current_time() - waited_from >= REFRESH_INTERVAL and await self._paused(
+                    force=True
+                ):
+                    # Paused while we were idle: the cached state predates this message.
+                    await consumer.nack(delivery, requeue=True)
                     return None
                 decoded = await self._decode(consumer, delivery)
                 if decoded is None:
@@ -230,10 +237,10 @@ class OutboundActor:
             return item
         return None
 
-    async def _paused(self) -> bool:
+    async def _paused(self, *, force: bool = False) -> bool:
         if self._control is None:
             return False
-        await self._control.refresh()
+        await self._control.refresh(force=force)
         return self._control.paused
 
     async def _screen(self, consumer: Consumer, item: _Item) -> bool:

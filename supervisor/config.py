@@ -200,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shutdown-grace", dest="shutdown_grace", type=float, help="child drain seconds (10)")
     add("--webhook-max-age", dest="webhook_max_age", type=float, help="retry seconds (86400)")
     add("--webhook-timeout", dest="webhook_timeout", type=float, help="seconds per POST (10)")
+    add(
+        "--api-token",
+        dest="api_tokens",
+        action="append",
+        help="bearer token the API accepts (repeatable; replaces the file's api_tokens)",
+    )
     return p
 
 
@@ -253,6 +259,9 @@ def _one_line(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "settings"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
 
 
 def _check_ranges(s: Settings) -> None:
@@ -330,6 +339,11 @@ def load_config(argv: Sequence[str]) -> LoadedConfig:
         raise ConfigError(f"invalid setting: {_one_line(exc)}") from exc
     _check_ranges(settings)
 
+    if not settings.api_tokens and settings.interface not in _LOOPBACK:
+        warnings.append(
+            f"the API listens on {settings.interface} without authentication; "
+            "set api_tokens (or --api-token) to require a bearer token"
+        )
     for key, issue in NOT_IMPLEMENTED.items():
         if getattr(settings, key):
             warnings.append(f"{key} is accepted; not implemented yet ({issue})")
