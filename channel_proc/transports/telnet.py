@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Final
 import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from channel_proc.backoff import Backoff
 from channel_proc.transports.base import SendReceipt, StatusLevel, Transport, TransportLink
 from channel_proc.transports.errors import ProviderRejected
+from channel_proc.transports.listen import Once, open_listeners_with_retry
 from ipc.payloads import SessionEvent, VumiMessage
 
 if TYPE_CHECKING:
@@ -194,18 +194,6 @@ class _Client:
     closed_by_us: bool = False
 
 
-class _Once:
-    """Calls task_status.started() the first time it is called."""
-
-    def __init__(self, task_status: trio.TaskStatus[None]) -> None:
-        self._task_status: trio.TaskStatus[None] | None = task_status
-
-    def __call__(self) -> None:
-        if self._task_status is not None:
-            self._task_status.started()
-            self._task_status = None
-
-
 @contextmanager
 def _map_errors(address: str) -> Iterator[None]:
     """The one place socket errors become SendErrors."""
@@ -236,8 +224,15 @@ class TelnetTransport(Transport[TelnetConfig]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         endpoint = self.config.endpoint
-        ready = _Once(task_status)
-        listeners = await self._bind(endpoint, ready)
+        ready = Once(task_status)
+        listeners = await open_listeners_with_retry(
+            self.link,
+            COMPONENT,
+            endpoint.interface,
+            endpoint.port,
+            ready,
+            backlog=endpoint.backlog,
+        )
         port = listeners[0].socket.getsockname()[1]
         self._server_address = f"{endpoint.interface}:{port}"
         log.info("listening on %s", self._server_address)
@@ -250,35 +245,6 @@ class TelnetTransport(Transport[TelnetConfig]):
         )
         ready()
         await trio.serve_listeners(self._serve_client, listeners)
-
-    async def _bind(self, endpoint: TcpEndpoint, ready: _Once) -> list[trio.SocketListener]:
-        """Bind, retrying with backoff; report ready after the first failure so that the
-        channel runs and shows `bind_failed` instead of timing out at start."""
-        backoff = Backoff(initial=1.0, cap=30.0)
-        while True:
-            try:
-                return await trio.open_tcp_listeners(
-                    endpoint.port, host=endpoint.interface, backlog=endpoint.backlog
-                )
-            except OSError as exc:
-                delay = backoff.next_delay()
-                reason = exc.strerror or str(exc)
-                log.warning(
-                    "cannot listen on %s:%d (%s); retrying in %.1f s",
-                    endpoint.interface,
-                    endpoint.port,
-                    reason,
-                    delay,
-                )
-                self.link.status(
-                    COMPONENT,
-                    StatusLevel.DOWN,
-                    "bind_failed",
-                    f"Cannot listen on {endpoint.interface}:{endpoint.port}: {reason}",
-                    {"interface": endpoint.interface, "port": endpoint.port},
-                )
-                ready()
-                await trio.sleep(delay)
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         address = msg.to_addr or ""

@@ -19,9 +19,9 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field
 from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketServer
 
-from channel_proc.backoff import Backoff
 from channel_proc.transports.base import SendReceipt, StatusLevel, Transport, TransportLink
 from channel_proc.transports.errors import ProviderRejected
+from channel_proc.transports.listen import Once, open_listeners_with_retry
 from ipc.payloads import SessionEvent, VumiMessage
 
 if TYPE_CHECKING:
@@ -101,18 +101,6 @@ class _Client:
     closed_by_us: bool = False
 
 
-class _Once:
-    """Calls task_status.started() the first time it is called."""
-
-    def __init__(self, task_status: trio.TaskStatus[None]) -> None:
-        self._task_status: trio.TaskStatus[None] | None = task_status
-
-    def __call__(self) -> None:
-        if self._task_status is not None:
-            self._task_status.started()
-            self._task_status = None
-
-
 @contextmanager
 def _map_errors(address: str) -> Iterator[None]:
     """The one place WebSocket errors become SendErrors."""
@@ -146,8 +134,10 @@ class WebsocketTransport(Transport[WebsocketConfig]):
         return self._server_address
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        ready = _Once(task_status)
-        listeners = await self._bind(ready)
+        ready = Once(task_status)
+        listeners = await open_listeners_with_retry(
+            self.link, COMPONENT, self.config.interface, self.config.port, ready
+        )
         port = listeners[0].socket.getsockname()[1]
         self._server_address = f"{self.config.interface}:{port}"
         log.info("serving WebSocket on ws://%s%s", self._server_address, self._path)
@@ -167,34 +157,6 @@ class WebsocketTransport(Transport[WebsocketConfig]):
         )
         ready()
         await server.run()
-
-    async def _bind(self, ready: _Once) -> list[trio.SocketListener]:
-        """Bind, retrying with backoff; ready after the first failure so that the channel
-        runs and shows `bind_failed` instead of timing out at start."""
-        interface, port = self.config.interface, self.config.port
-        backoff = Backoff(initial=1.0, cap=30.0)
-        while True:
-            try:
-                return await trio.open_tcp_listeners(port, host=interface)
-            except OSError as exc:
-                delay = backoff.next_delay()
-                reason = exc.strerror or str(exc)
-                log.warning(
-                    "cannot listen on %s:%d (%s); retrying in %.1f s",
-                    interface,
-                    port,
-                    reason,
-                    delay,
-                )
-                self.link.status(
-                    COMPONENT,
-                    StatusLevel.DOWN,
-                    "bind_failed",
-                    f"Cannot listen on {interface}:{port}: {reason}",
-                    {"interface": interface, "port": port},
-                )
-                ready()
-                await trio.sleep(delay)
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         address = msg.to_addr or ""

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Final, Self
 import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from channel_proc.backoff import Backoff
 from channel_proc.transports.base import SendReceipt, StatusLevel, Transport, TransportLink
 from channel_proc.transports.dmark.http import (
     HttpConnection,
@@ -37,6 +36,7 @@ from channel_proc.transports.dmark.protocol import (
     wrap_service_code,
 )
 from channel_proc.transports.errors import ProviderRejected
+from channel_proc.transports.listen import Once, open_listeners_with_retry
 from ipc.payloads import SessionEvent, VumiMessage
 
 if TYPE_CHECKING:
@@ -113,18 +113,6 @@ class _Held:
     client_gone: bool = False
 
 
-class _Once:
-    """Calls task_status.started() the first time it is called."""
-
-    def __init__(self, task_status: trio.TaskStatus[None]) -> None:
-        self._task_status: trio.TaskStatus[None] | None = task_status
-
-    def __call__(self) -> None:
-        if self._task_status is not None:
-            self._task_status.started()
-            self._task_status = None
-
-
 class DmarkTransport(Transport[DmarkConfig]):
     """Serves Dmark's USSD callbacks; each reply answers the request it is in reply to."""
 
@@ -148,8 +136,10 @@ class DmarkTransport(Transport[DmarkConfig]):
         return self._port
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        ready = _Once(task_status)
-        listeners = await self._bind(ready)
+        ready = Once(task_status)
+        listeners = await open_listeners_with_retry(
+            self.link, COMPONENT, self.config.web_interface, self.config.web_port, ready
+        )
         self._port = listeners[0].socket.getsockname()[1]
         address = f"{self.config.web_interface}:{self._port}"
         log.info("serving Dmark USSD on http://%s%s", address, self._web_path)
@@ -162,34 +152,6 @@ class DmarkTransport(Transport[DmarkConfig]):
         )
         ready()
         await trio.serve_listeners(self._serve_connection, listeners)
-
-    async def _bind(self, ready: _Once) -> list[trio.SocketListener]:
-        """Bind, retrying with backoff; ready after the first failure so that the channel
-        runs and shows `bind_failed` instead of timing out at start."""
-        interface, port = self.config.web_interface, self.config.web_port
-        backoff = Backoff(initial=1.0, cap=30.0)
-        while True:
-            try:
-                return await trio.open_tcp_listeners(port, host=interface)
-            except OSError as exc:
-                delay = backoff.next_delay()
-                reason = exc.strerror or str(exc)
-                log.warning(
-                    "cannot listen on %s:%d (%s); retrying in %.1f s",
-                    interface,
-                    port,
-                    reason,
-                    delay,
-                )
-                self.link.status(
-                    COMPONENT,
-                    StatusLevel.DOWN,
-                    "bind_failed",
-                    f"Cannot listen on {interface}:{port}: {reason}",
-                    {"interface": interface, "port": port},
-                )
-                ready()
-                await trio.sleep(delay)
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         if msg.in_reply_to is None:
