@@ -85,6 +85,15 @@ class Settings(_Frozen):
     api_tokens: list[SecretStr] = Field(default_factory=list)
     #: Queued outbound messages per channel before sends get 429 (None: unlimited).
     default_queue_limit: int | None = None
+    #: Channels the gateway accepts; creating one more gets 409 (the docs set no limit).
+    max_channels: int = 1000
+    #: Hosts webhook URLs may point at (exact names, or "*.example.org" for subdomains);
+    #: empty allows any host (Junebug's behaviour).
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    #: Webhook POSTs in flight at once per queue; 1 delivers strictly in order.
+    webhook_concurrency: int = 8
+    #: A webhook answer body larger than this is cut off (and the attempt counts as failed).
+    webhook_max_response_bytes: int = 65_536
 
     @property
     def backend_name(self) -> str:

@@ -200,6 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shutdown-grace", dest="shutdown_grace", type=float, help="child drain seconds (10)")
     add("--webhook-max-age", dest="webhook_max_age", type=float, help="retry seconds (86400)")
     add("--webhook-timeout", dest="webhook_timeout", type=float, help="seconds per POST (10)")
+    add("--max-channels", dest="max_channels", type=int, help="channels allowed (1000)")
+    add(
+        "--webhook-allowed-host",
+        dest="webhook_allowed_hosts",
+        action="append",
+        help="host webhook URLs may use, or *.domain (repeatable; default: any host)",
+    )
+    add(
+        "--webhook-concurrency",
+        dest="webhook_concurrency",
+        type=int,
+        help="webhook POSTs in flight per queue (8; 1 is strictly ordered)",
+    )
+    add(
+        "--webhook-max-response-bytes",
+        dest="webhook_max_response_bytes",
+        type=int,
+        help="largest webhook answer read (65536)",
+    )
     add(
         "--api-token",
         dest="api_tokens",
@@ -279,6 +298,9 @@ def _check_ranges(s: Settings) -> None:
         "webhook_max_age": s.webhook_max_age,
         "webhook_timeout": s.webhook_timeout,
         "api_workers": s.api_workers,
+        "max_channels": s.max_channels,
+        "webhook_concurrency": s.webhook_concurrency,
+        "webhook_max_response_bytes": s.webhook_max_response_bytes,
     }
     problems += [f"{k} must be > 0, got {v}" for k, v in positive.items() if v <= 0]
     non_negative = {
