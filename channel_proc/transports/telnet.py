@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from channel_proc.transports.base import SendReceipt, StatusLevel, Transport, TransportLink
 from channel_proc.transports.errors import ProviderRejected
 from channel_proc.transports.listen import Once, open_listeners_with_retry
+from channel_proc.transports.sessions import SessionAnnouncer
 from ipc.payloads import SessionEvent, VumiMessage
 
 if TYPE_CHECKING:
@@ -26,11 +27,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPONENT: Final = "telnet"
-#: Longer lines are cut here (the rest up to the newline is dropped) so a client
-#: that never sends a newline cannot grow our memory.
+#: The default longest line: a client that sends more without a newline is told so and
+#: disconnected, so one that never sends a newline cannot grow our memory.
 MAX_LINE_BYTES: Final = 64 * 1024
 RECEIVE_SIZE: Final = 4096
-#: Bounded cleanup when a session ends during shutdown.
+#: Bounded cleanup when a session ends during shutdown, and the most time spent telling
+#: a client why it is disconnected.
 CLOSE_TIMEOUT: Final = 2.0
 
 _PORT = r"[0-9]{1,5}"
@@ -97,6 +99,14 @@ class TelnetConfig(BaseModel):
     transport_type: Annotated[str, Field(description="transport_type of inbound messages")] = (
         "telnet"
     )
+    max_line_bytes: Annotated[
+        int,
+        Field(
+            ge=16,
+            le=16 * 1024 * 1024,
+            description="A client whose line grows past this without a newline is disconnected",
+        ),
+    ] = MAX_LINE_BYTES
 
     @field_validator("twisted_endpoint")
     @classmethod
@@ -109,12 +119,6 @@ class TelnetConfig(BaseModel):
         return parse_endpoint(self.twisted_endpoint)
 
 
-@dataclass(frozen=True, slots=True)
-class ReceivedLine:
-    text: str
-    truncated: bool = False
-
-
 # Telnet command bytes (RFC 854) that we skip: clients may negotiate options at connect.
 _IAC, _SB, _SE = 255, 250, 240
 _WILL_WONT_DO_DONT = frozenset({251, 252, 253, 254})
@@ -122,20 +126,27 @@ _WILL_WONT_DO_DONT = frozenset({251, 252, 253, 254})
 
 @dataclass(slots=True)
 class LineReader:
-    """Sans-IO: bytes in, complete lines out; telnet commands are dropped, lines are capped."""
+    """Sans-IO: bytes in, complete lines out; telnet commands are dropped.
+
+    A line that grows past `max_line` bytes sets `overflowed`: the lines completed before
+    it are still returned, and everything after it is ignored (the session is over).
+    """
 
     max_line: int = MAX_LINE_BYTES
+    overflowed: bool = False
     _line: bytearray = field(default_factory=bytearray)
-    _truncated: bool = False
     # 0 data, 1 after IAC, 2 option byte follows, 3 in subnegotiation, 4 IAC in subnegotiation
     _state: int = 0
 
-    def feed(self, data: bytes) -> list[ReceivedLine]:
-        lines: list[ReceivedLine] = []
+    def feed(self, data: bytes) -> list[str]:
+        lines: list[str] = []
+        if self.overflowed:
+            return lines
         if self._state == 0 and _IAC not in data:
             chunks = data.split(b"\n")
             for chunk in chunks[:-1]:
-                self._append(chunk)
+                if not self._append(chunk):
+                    return lines
                 lines.append(self._finish())
             self._append(chunks[-1])
             return lines
@@ -145,11 +156,12 @@ class LineReader:
                     self._state = 1
                 elif byte == 0x0A:
                     lines.append(self._finish())
-                else:
-                    self._append(bytes((byte,)))
+                elif not self._append(bytes((byte,))):
+                    return lines
             elif self._state == 1:
                 if byte == _IAC:
-                    self._append(bytes((byte,)))
+                    if not self._append(bytes((byte,))):
+                        return lines
                     self._state = 0
                 elif byte in _WILL_WONT_DO_DONT:
                     self._state = 2
@@ -165,25 +177,26 @@ class LineReader:
                 self._state = 0 if byte == _SE else 3
         return lines
 
-    def flush(self) -> ReceivedLine | None:
+    def flush(self) -> str | None:
         """The unfinished last line, if any (called when the client goes away)."""
-        if not self._line and not self._truncated:
+        if not self._line or self.overflowed:
             return None
         return self._finish()
 
-    def _append(self, chunk: bytes) -> None:
-        room = self.max_line - len(self._line)
-        if len(chunk) > room:
-            self._truncated = True
-            chunk = chunk[: max(room, 0)]
+    def _append(self, chunk: bytes) -> bool:
+        """Add to the current line; False (and `overflowed`) when it would grow too long.
+        The line's "\\r" is counted: a line is at most `max_line` bytes as sent."""
+        if len(self._line) + len(chunk) > self.max_line:
+            self.overflowed = True
+            self._line.clear()
+            return False
         self._line += chunk
+        return True
 
-    def _finish(self) -> ReceivedLine:
+    def _finish(self) -> str:
         raw = bytes(self._line).rstrip(b"\r")
-        line = ReceivedLine(raw.decode("utf-8", errors="replace"), self._truncated)
         self._line.clear()
-        self._truncated = False
-        return line
+        return raw.decode("utf-8", errors="replace")
 
 
 @dataclass(slots=True)
@@ -215,12 +228,14 @@ class TelnetTransport(Transport[TelnetConfig]):
     def __init__(self, config: TelnetConfig, link: TransportLink) -> None:
         super().__init__(config, link)
         self._clients: dict[str, _Client] = {}
-        self._server_address = ""
+        self._sessions = SessionAnnouncer(
+            link, COMPONENT, to_addr=config.to_addr, transport_type=config.transport_type
+        )
 
     @property
     def server_address(self) -> str:
         """The "host:port" we listen on (the actual port when configured with port 0)."""
-        return self._server_address
+        return self._sessions.server_address
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         endpoint = self.config.endpoint
@@ -234,13 +249,13 @@ class TelnetTransport(Transport[TelnetConfig]):
             backlog=endpoint.backlog,
         )
         port = listeners[0].socket.getsockname()[1]
-        self._server_address = f"{endpoint.interface}:{port}"
-        log.info("listening on %s", self._server_address)
+        self._sessions.server_address = f"{endpoint.interface}:{port}"
+        log.info("listening on %s", self._sessions.server_address)
         self.link.status(
             COMPONENT,
             StatusLevel.OK,
             "listening",
-            f"Listening on {self._server_address}",
+            f"Listening on {self._sessions.server_address}",
             {"interface": endpoint.interface, "port": port},
         )
         ready()
@@ -278,20 +293,20 @@ class TelnetTransport(Transport[TelnetConfig]):
             return
         client = _Client(f"{host}:{port}", stream)
         self._clients[client.address] = client
-        self._client_status("client_connected", client.address)
+        self._sessions.client_status("client_connected", client.address, len(self._clients))
         try:
-            await self._inbound(client.address, SessionEvent.NEW, None)
+            await self._sessions.inbound(client.address, SessionEvent.NEW, None)
             await self._pump_lines(client)
         finally:
             self._clients.pop(client.address, None)
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await stream.aclose()
                 if not client.closed_by_us:
-                    await self._inbound(client.address, SessionEvent.CLOSE, None)
-            self._client_status("client_disconnected", client.address)
+                    await self._sessions.inbound(client.address, SessionEvent.CLOSE, None)
+            self._sessions.client_status("client_disconnected", client.address, len(self._clients))
 
     async def _pump_lines(self, client: _Client) -> None:
-        reader = LineReader()
+        reader = LineReader(self.config.max_line_bytes)
         while True:
             try:
                 data = await client.stream.receive_some(RECEIVE_SIZE)
@@ -300,40 +315,27 @@ class TelnetTransport(Transport[TelnetConfig]):
             if not data:
                 last = reader.flush()
                 if last is not None:
-                    await self._line(client.address, last)
+                    await self._sessions.inbound(client.address, SessionEvent.RESUME, last)
                 return
             for line in reader.feed(data):
-                await self._line(client.address, line)
+                await self._sessions.inbound(client.address, SessionEvent.RESUME, line)
+            if reader.overflowed:
+                await self._refuse_long_line(client)
+                return
 
-    async def _line(self, address: str, line: ReceivedLine) -> None:
-        if line.truncated:
-            log.warning("line from %s longer than %d bytes; truncated", address, MAX_LINE_BYTES)
-        await self._inbound(address, SessionEvent.RESUME, line.text)
-
-    async def _inbound(self, address: str, event: SessionEvent, content: str | None) -> None:
-        msg = VumiMessage(
-            to_addr=self.config.to_addr or self._server_address,
-            from_addr=address,
-            content=content,
-            session_event=event,
-            transport_type=self.config.transport_type,
-        )
-        await self.link.inbound(msg)
-        log.info(
-            "received %s message %s from %s (%d chars)",
-            event.value,
-            msg.message_id,
-            address,
-            len(content or ""),
-        )
-
-    def _client_status(self, type_: str, address: str) -> None:
-        verb = "connected" if type_ == "client_connected" else "disconnected"
-        log.info("client %s %s", address, verb)
-        self.link.status(
-            COMPONENT,
-            StatusLevel.OK,
-            type_,
-            f"Client {address} {verb}",
-            {"address": address, "clients": len(self._clients)},
-        )
+    async def _refuse_long_line(self, client: _Client) -> None:
+        """Tell the client why it is disconnected; its overlong line is not delivered."""
+        limit = self.config.max_line_bytes
+        log.warning("line from %s longer than %d bytes; disconnected", client.address, limit)
+        notice = f"Error: line longer than {limit} bytes; disconnecting.\r\n".encode()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                async with client.send_lock:
+                    await client.stream.send_all(notice)
+                    await client.stream.send_eof()
+                # Read (and drop) what the client still sends, so that closing does not
+                # reset the connection before it has read the notice.
+                while await client.stream.receive_some(RECEIVE_SIZE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return

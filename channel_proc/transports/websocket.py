@@ -22,6 +22,7 @@ from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebS
 from channel_proc.transports.base import SendReceipt, StatusLevel, Transport, TransportLink
 from channel_proc.transports.errors import ProviderRejected
 from channel_proc.transports.listen import Once, open_listeners_with_retry
+from channel_proc.transports.sessions import SessionAnnouncer
 from ipc.payloads import SessionEvent, VumiMessage
 
 if TYPE_CHECKING:
@@ -126,12 +127,14 @@ class WebsocketTransport(Transport[WebsocketConfig]):
         self._connections = 0
         self._at_limit = False
         self._path = normalise_path(config.path)
-        self._server_address = ""
+        self._sessions = SessionAnnouncer(
+            link, COMPONENT, to_addr=config.to_addr, transport_type=config.transport_type
+        )
 
     @property
     def server_address(self) -> str:
         """The "host:port" we listen on (the actual port when configured with port 0)."""
-        return self._server_address
+        return self._sessions.server_address
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ready = Once(task_status)
@@ -139,13 +142,13 @@ class WebsocketTransport(Transport[WebsocketConfig]):
             self.link, COMPONENT, self.config.interface, self.config.port, ready
         )
         port = listeners[0].socket.getsockname()[1]
-        self._server_address = f"{self.config.interface}:{port}"
-        log.info("serving WebSocket on ws://%s%s", self._server_address, self._path)
+        self._sessions.server_address = f"{self.config.interface}:{port}"
+        log.info("serving WebSocket on ws://%s%s", self._sessions.server_address, self._path)
         self.link.status(
             COMPONENT,
             StatusLevel.OK,
             "listening",
-            f"Listening on {self._server_address}",
+            f"Listening on {self._sessions.server_address}",
             {"interface": self.config.interface, "port": port, "path": self._path},
         )
         server = WebSocketServer(
@@ -240,18 +243,18 @@ class WebsocketTransport(Transport[WebsocketConfig]):
 
     async def _session(self, client: _Client) -> None:
         self._clients[client.address] = client
-        self._client_status("client_connected", client.address)
+        self._sessions.client_status("client_connected", client.address, len(self._clients))
         try:
-            await self._inbound(client.address, SessionEvent.NEW, None)
+            await self._sessions.inbound(client.address, SessionEvent.NEW, None)
             await self._pump_frames(client)
         finally:
             self._clients.pop(client.address, None)
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await client.ws.aclose()
                 if not client.closed_by_us:
-                    await self._inbound(client.address, SessionEvent.CLOSE, None)
+                    await self._sessions.inbound(client.address, SessionEvent.CLOSE, None)
             self._at_limit = False
-            self._client_status("client_disconnected", client.address)
+            self._sessions.client_status("client_disconnected", client.address, len(self._clients))
 
     async def _pump_frames(self, client: _Client) -> None:
         limit = self.config.max_frame_bytes
@@ -271,32 +274,4 @@ class WebsocketTransport(Transport[WebsocketConfig]):
                     log.warning("frame from %s over %d bytes; disconnected", client.address, limit)
                     await self._close(client, MESSAGE_TOO_BIG, "frame too large")
                     return
-            await self._inbound(client.address, SessionEvent.RESUME, frame_content(text))
-
-    async def _inbound(self, address: str, event: SessionEvent, content: str | None) -> None:
-        msg = VumiMessage(
-            to_addr=self.config.to_addr or self._server_address,
-            from_addr=address,
-            content=content,
-            session_event=event,
-            transport_type=self.config.transport_type,
-        )
-        await self.link.inbound(msg)
-        log.info(
-            "received %s message %s from %s (%d chars)",
-            event.value,
-            msg.message_id,
-            address,
-            len(content or ""),
-        )
-
-    def _client_status(self, type_: str, address: str) -> None:
-        verb = "connected" if type_ == "client_connected" else "disconnected"
-        log.info("client %s %s", address, verb)
-        self.link.status(
-            COMPONENT,
-            StatusLevel.OK,
-            type_,
-            f"Client {address} {verb}",
-            {"address": address, "clients": len(self._clients)},
-        )
+            await self._sessions.inbound(client.address, SessionEvent.RESUME, frame_content(text))

@@ -5,11 +5,18 @@ with a fresh id; or scripted statuses, delays, ids, or no answer), enquire_link 
 told not to) and unbind; it sends deliver_sm (messages and receipts) and can drop
 connections. Every PDU it receives is recorded. Like the other fakes, it checks at
 teardown that every scripted answer was used.
+
+It can also misbehave as a real SMSC does (fault scenario 6): close the connection in
+the middle of a PDU, send garbage (`GARBAGE`), ignore enquire_link, answer every
+submit_sm with ESME_RTHROTTLED for a while, and flood deliver_sm without waiting for
+answers.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
+import struct
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,10 +24,17 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from channel_proc.transports.smpp.pdu import STATUS_CODES, Pdu, PduReader, decode, encode
+from channel_proc.transports.smpp.pdu import (
+    COMMAND_IDS,
+    STATUS_CODES,
+    Pdu,
+    PduReader,
+    decode,
+    encode,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 ROK: Final = 0
 RTHROTTLED: Final = STATUS_CODES["ESME_RTHROTTLED"]
@@ -30,6 +44,33 @@ RINVDSTADR: Final = STATUS_CODES["ESME_RINVDSTADR"]
 BIND_COMMANDS: Final = frozenset({"bind_transceiver", "bind_transmitter", "bind_receiver"})
 #: How long the fake waits for a client's answer before the test fails.
 ANSWER_TIMEOUT: Final = 10.0
+#: deliver_sm PDUs written in one send_all by a flood (enough to fill the socket buffers).
+FLOOD_BATCH: Final = 200
+
+
+def _header(length: int, command_id: int, sequence: int = 1, status: int = 0) -> bytes:
+    return struct.pack(">LLLL", length, command_id, status, sequence)
+
+
+#: A deliver_sm whose body stops after two bytes: framed correctly, but undecodable.
+_SHORT_DELIVER_SM: Final = _header(18, COMMAND_IDS["deliver_sm"], 77) + b"\x00\x01"
+
+#: Byte strings no SMSC should send, by name. The first four break the framing (the
+#: client must drop the connection); the next three are framed but unreadable (the client
+#: answers them and carries on); `truncated_body` announces more bytes than ever come.
+GARBAGE: Final[dict[str, bytes]] = {
+    "random": random.Random(6).randbytes(512),
+    "command_length_0": _header(0, COMMAND_IDS["enquire_link"]),
+    "command_length_3": b"\x00\x00\x00\x03\xff\xff\xff",
+    "command_length_2_31": _header(2**31, COMMAND_IDS["deliver_sm"]) + b"\x00" * 64,
+    "unknown_command_id": _header(16, 0x0000_0F0F, 78),
+    # An SMPP 3.4 command (replace_sm) that the codec has no layout for.
+    "unsupported_command": _header(16, COMMAND_IDS["replace_sm"], 80),
+    "short_body": _SHORT_DELIVER_SM,
+    "truncated_body": _header(400, COMMAND_IDS["deliver_sm"], 79) + b"\x00" * 20,
+}
+#: Which of GARBAGE leave the stream readable (framed PDUs the client can answer).
+FRAMED_GARBAGE: Final = frozenset({"unknown_command_id", "unsupported_command", "short_body"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +82,24 @@ class SubmitAnswer:
     delay: float = 0.0
     message_id: str | None = None
     respond: bool = True
+
+
+@dataclass(slots=True)
+class FloodResult:
+    """What a deliver_sm flood got: the command_status each content was answered with,
+    and the contents nobody answered (the connection went first)."""
+
+    answered: dict[bytes, int] = field(default_factory=dict)
+    unanswered: list[bytes] = field(default_factory=list)
+
+    @property
+    def acked(self) -> list[bytes]:
+        return [content for content, status in self.answered.items() if status == ROK]
+
+    @property
+    def not_acked(self) -> list[bytes]:
+        refused = [content for content, status in self.answered.items() if status != ROK]
+        return refused + self.unanswered
 
 
 def receipt_text(smsc_id: str, stat: str = "DELIVRD", err: str = "000") -> str:
@@ -87,14 +146,21 @@ class FakeSmsc:
         #: When set ("DELIVRD", ...), each accepted submit_sm is followed by a receipt.
         self.auto_receipt = auto_receipt
         self.answer_enquire_link = True
+        #: submit_sm received before this time (trio clock) are answered ESME_RTHROTTLED.
+        self.throttled_until = -1.0
+        #: How many submit_sm were answered ESME_RTHROTTLED by `throttle_for`.
+        self.throttled = 0
         self.received: list[Pdu] = []
+        #: Every submit_sm answered ESME_ROK on a connection that was still open.
+        self.accepted: list[Pdu] = []
         self.connections: list[SmscConnection] = []
         self._ids: Iterator[int] = itertools.count(1)
         self._id_format = id_format
         self._sequence = itertools.count(1)
         self._submit_script: deque[SubmitAnswer] = deque()
         self._bind_script: deque[int | None] = deque()
-        self._waiters: dict[int, trio.MemorySendChannel[Pdu]] = {}
+        #: sequence of a request we sent -> what to call with the client's answer.
+        self._waiters: dict[int, Callable[[Pdu], None]] = {}
         self._changed = trio.Event()
         self._port: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -118,6 +184,14 @@ class FakeSmsc:
         """Answer the next binds with these statuses (None: no answer at all), then by the
         password check."""
         self._bind_script.extend(statuses)
+
+    def throttle_for(self, seconds: float) -> None:
+        """Answer every submit_sm with ESME_RTHROTTLED for the next `seconds`."""
+        self.throttled_until = trio.current_time() + seconds
+
+    @property
+    def throttling(self) -> bool:
+        return trio.current_time() < self.throttled_until
 
     def assert_script_used(self) -> None:
         assert not self._submit_script, f"{len(self._submit_script)} submit answer(s) unused"
@@ -164,7 +238,7 @@ class FakeSmsc:
         conn = self._receiver()
         pdu = Pdu(command, next(self._sequence), params=params)
         answer_send, answer_recv = trio.open_memory_channel[Pdu](1)
-        self._waiters[pdu.sequence] = answer_send
+        self._waiters[pdu.sequence] = answer_send.send_nowait
         try:
             await self._write(conn, pdu)
             with trio.fail_after(ANSWER_TIMEOUT):
@@ -193,12 +267,70 @@ class FakeSmsc:
     async def send_raw(self, data: bytes) -> None:
         await self._write_bytes(self._receiver(), data)
 
+    async def flood_deliver_sm(self, contents: Sequence[bytes]) -> FloodResult:
+        """One deliver_sm per content, written as fast as the client takes them (no waiting
+        for answers); returns once each is answered or the connection is gone."""
+        conn = self._receiver()
+        by_sequence: dict[int, bytes] = {}
+        result = FloodResult()
+        wire: list[bytes] = []
+        for content in contents:
+            pdu = Pdu(
+                "deliver_sm",
+                next(self._sequence),
+                params={
+                    "source_addr": "27820000000",
+                    "destination_addr": "12345",
+                    "short_message": content,
+                },
+            )
+            by_sequence[pdu.sequence] = content
+            wire.append(encode(pdu))
+
+        def answer(pdu: Pdu) -> None:
+            result.answered[by_sequence[pdu.sequence]] = pdu.status
+
+        for sequence in by_sequence:
+            self._waiters[sequence] = answer
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def write() -> None:
+                    for start in range(0, len(wire), FLOOD_BATCH):
+                        await self._write_bytes(conn, b"".join(wire[start : start + FLOOD_BATCH]))
+
+                nursery.start_soon(write)
+                await self.wait_until(lambda: len(result.answered) == len(wire) or conn.closed)
+        finally:
+            for sequence in by_sequence:
+                self._waiters.pop(sequence, None)
+        result.unanswered = [c for c in contents if c not in result.answered]
+        return result
+
+    async def drop_mid_pdu(self, pdu: Pdu | None = None) -> None:
+        """Write the first half of `pdu` (default: a deliver_sm) to the receiving client,
+        then close its connection: a network failure in the middle of a PDU."""
+        conn = self._receiver()
+        pdu = pdu or Pdu(
+            "deliver_sm",
+            next(self._sequence),
+            params={"source_addr": "27820000000", "short_message": b"cut in half"},
+        )
+        data = encode(pdu)
+        await self._write_bytes(conn, data[: len(data) // 2])
+        await self._close(conn)
+
     async def drop_connections(self) -> None:
         """Close every client connection without an unbind (a network failure)."""
         for conn in self.connections:
-            if not conn.closed:
-                conn.closed = True
-                await conn.stream.aclose()
+            await self._close(conn)
+
+    async def _close(self, conn: SmscConnection) -> None:
+        if not conn.closed:
+            conn.closed = True
+            await conn.stream.aclose()
+            self._changed.set()
+            self._changed = trio.Event()
 
     def _receiver(self) -> SmscConnection:
         for conn in reversed(self.connections):
@@ -241,12 +373,18 @@ class FakeSmsc:
         if pdu.is_response or pdu.command == "generic_nack":
             waiter = self._waiters.get(pdu.sequence)
             if waiter is not None:
-                waiter.send_nowait(pdu)
+                waiter(pdu)
             return
         if pdu.command in BIND_COMMANDS:
             await self._bind(conn, pdu)
         elif pdu.command == "submit_sm":
-            answer = self._submit_script.popleft() if self._submit_script else SubmitAnswer()
+            if self.throttling:
+                self.throttled += 1
+                answer = SubmitAnswer(status=RTHROTTLED)
+            elif self._submit_script:
+                answer = self._submit_script.popleft()
+            else:
+                answer = SubmitAnswer()
             assert self._nursery is not None
             self._nursery.start_soon(self._answer_submit, conn, pdu, answer)
         elif pdu.command == "enquire_link":
@@ -287,21 +425,26 @@ class FakeSmsc:
         if answer.status == ROK:
             message_id = answer.message_id or self.next_message_id()
         params: dict[str, object] = {"message_id": message_id}
+        if answer.status == ROK and not conn.closed:
+            self.accepted.append(pdu)
         await self._write(conn, Pdu("submit_sm_resp", pdu.sequence, answer.status, params))
         if answer.status == ROK and self.auto_receipt is not None:
             await self.send_receipt(message_id, self.auto_receipt)
 
-    async def _write(self, conn: SmscConnection, pdu: Pdu) -> None:
-        await self._write_bytes(conn, encode(pdu))
+    async def _write(self, conn: SmscConnection, pdu: Pdu) -> bool:
+        return await self._write_bytes(conn, encode(pdu))
 
-    async def _write_bytes(self, conn: SmscConnection, data: bytes) -> None:
+    async def _write_bytes(self, conn: SmscConnection, data: bytes) -> bool:
+        """Whether `data` was written (False: the connection is closed)."""
         if conn.closed:
-            return
+            return False
         async with conn.write_lock:
             try:
                 await conn.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 conn.closed = True
+                return False
+        return True
 
 
 @asynccontextmanager

@@ -10,8 +10,18 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from channel_proc.transports.smpp.pdu import Pdu, PduReader, decode, encode
+from channel_proc.transports.smpp.pdu import (
+    STATUS_CODES,
+    FramingError,
+    Pdu,
+    PduError,
+    PduReader,
+    decode,
+    encode,
+)
 from tests.fakes.fake_smsc import (
+    FRAMED_GARBAGE,
+    GARBAGE,
     RINVPASWD,
     RTHROTTLED,
     SubmitAnswer,
@@ -35,6 +45,9 @@ RECORDED_SUBMIT_SM = bytes.fromhex(
     "000000003138303130353132303030303030342b0001000000255265706c792059657320746f206f707420"
     "696e206f72204e6f20746f206f7074206f75742e"
 )
+
+
+RX_T_APPN = STATUS_CODES["ESME_RX_T_APPN"]
 
 
 def _header(length: int, command_id: int, status: int, sequence: int) -> bytes:
@@ -230,3 +243,102 @@ async def test_fake_reports_unused_script() -> None:
         smsc.script_submits(SubmitAnswer())
         with pytest.raises(AssertionError, match="unused"):
             smsc.assert_script_used()
+
+
+# --- misbehaviour (fault scenario 6) --------------------------------------------------------
+
+
+async def test_fake_drops_a_connection_mid_pdu() -> None:
+    async with open_fake_smsc() as smsc, _client(smsc) as client:
+        await client.read()
+        await smsc.drop_mid_pdu()
+        with trio.fail_after(5):
+            received = b""
+            while chunk := await client.stream.receive_some(65536):
+                received += chunk
+        (length,) = struct.unpack_from(">L", received)
+        assert 16 <= len(received) < length
+        assert client.reader.feed(received) == []
+        assert smsc.bound == []
+
+
+@pytest.mark.parametrize("name", sorted(GARBAGE))
+def test_garbage_is_what_its_name_says(name: str) -> None:
+    data = GARBAGE[name]
+    reader = PduReader()
+    if name in FRAMED_GARBAGE:
+        [frame] = reader.feed(data)
+        with pytest.raises(PduError):
+            decode(frame)
+    elif name == "truncated_body":
+        assert reader.feed(data) == []
+        assert reader.buffered == len(data)
+    else:
+        with pytest.raises(FramingError, match="command_length"):
+            reader.feed(data)
+
+
+async def test_fake_sends_garbage_verbatim() -> None:
+    async with open_fake_smsc() as smsc, _client(smsc) as client:
+        await client.read()
+        await smsc.send_raw(GARBAGE["command_length_0"])
+        with trio.fail_after(5):
+            assert await client.stream.receive_some(65536) == GARBAGE["command_length_0"]
+
+
+async def test_fake_throttles_every_submit_for_a_while() -> None:
+    async with open_fake_smsc() as smsc, _client(smsc) as client:
+        await client.read()
+        smsc.throttle_for(60)
+        for seq in (2, 3):
+            await client.send(Pdu("submit_sm", seq, params={"destination_addr": "1"}))
+        assert {(await client.read()).status for _ in range(2)} == {RTHROTTLED}
+        smsc.throttle_for(0)
+        await client.send(Pdu("submit_sm", 4, params={"destination_addr": "1"}))
+        answer = await client.read()
+        assert (answer.status, answer.sequence) == (0, 4)
+        assert smsc.throttled == 2
+        assert len(smsc.submits) == 3
+        assert [pdu.sequence for pdu in smsc.accepted] == [4]
+
+
+async def test_fake_floods_deliver_sm_and_collects_the_answers() -> None:
+    contents = [f"mo {n}".encode() for n in range(500)]
+    async with open_fake_smsc() as smsc, _client(smsc) as client:
+        await client.read()
+
+        async def answer_every_other_one() -> None:
+            for n in range(len(contents)):
+                request = await client.read()
+                assert request.command == "deliver_sm"
+                assert request.params["short_message"] == contents[n]
+                status = 0 if n % 2 == 0 else RX_T_APPN
+                await client.send(Pdu("deliver_sm_resp", request.sequence, status))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_every_other_one)
+            with trio.fail_after(10):
+                result = await smsc.flood_deliver_sm(contents)
+        assert result.acked == contents[::2]
+        assert result.not_acked == contents[1::2]
+        assert result.unanswered == []
+
+
+async def test_fake_flood_ends_when_the_client_goes() -> None:
+    contents = [f"mo {n}".encode() for n in range(3000)]
+    async with open_fake_smsc() as smsc:
+        async with _client(smsc) as client:
+            await client.read()
+            async with trio.open_nursery() as nursery:
+
+                async def answer_ten_then_leave() -> None:
+                    for _ in range(10):
+                        request = await client.read()
+                        await client.send(Pdu("deliver_sm_resp", request.sequence))
+                    await client.stream.aclose()
+
+                nursery.start_soon(answer_ten_then_leave)
+                with trio.fail_after(10):
+                    result = await smsc.flood_deliver_sm(contents)
+        assert result.acked == contents[:10]
+        assert result.unanswered == contents[10:]

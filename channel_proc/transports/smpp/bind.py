@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -342,12 +343,25 @@ class BindLoop:
 
     async def _pump(self, conn: Connection) -> None:
         limiter = trio.Semaphore(INBOUND_CONCURRENCY)
+        # In the middle of a PDU the rest must come within the bind timeout: a peer that
+        # announces more bytes than it sends would otherwise hold the bind until the
+        # keep-alive notices (a steady flood always brings more, so it never trips this).
+        patience = self.settings.bind_timeout
         async with trio.open_nursery() as handlers:
             while True:
+                deadline = trio.current_time() + patience if conn.session.buffered else math.inf
+                data = None
                 try:
-                    data = await conn.stream.receive_some(RECEIVE_SIZE)
+                    with trio.move_on_at(deadline):
+                        data = await conn.stream.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     conn.lose(f"read failed: {exc}")
+                    return
+                if data is None:
+                    conn.lose(
+                        f"unreadable stream: {conn.session.buffered} bytes of a PDU, and no more"
+                        f" for {patience:g} s"
+                    )
                     return
                 if not data:
                     conn.lose("closed by the SMSC")

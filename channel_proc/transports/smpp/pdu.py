@@ -160,12 +160,55 @@ def _value(param: Any, raw: object) -> object:
     return raw
 
 
+def _check_body(obj: Any, body: bytes, *, is_response: bool) -> None:
+    """Raise ValueError unless `body` holds every mandatory parameter whole and then whole
+    TLVs.
+
+    Hand-written because smpplib's parser is lenient: it stops quietly where a body ends
+    early, rereads from the start when a C-octet string has no NUL, and cuts a TLV or
+    short_message that runs past the end, so garbage would decode as a message. A response
+    may have no body at all (SMPP 3.4 omits it when command_status is not ESME_ROK, and
+    some SMSCs do when it is).
+    """
+    if is_response and not body:
+        return
+    pos = 0
+    ints: dict[str, int] = {}
+    for name in obj.params_order:
+        if obj.field_is_optional(name):
+            break
+        param = obj.params[name]
+        if param.type is int:
+            end = pos + param.size
+            if end > len(body):
+                raise ValueError(f"body ends before {name}")
+            ints[name] = int.from_bytes(body[pos:end], "big")
+        elif param.type is str:
+            nul = body.find(b"\0", pos)
+            if nul < 0:
+                raise ValueError(f"{name} has no terminating NUL")
+            end = nul + 1
+        else:
+            end = pos + ints.get(param.len_field, 0)
+            if end > len(body):
+                raise ValueError(f"body ends inside {name}")
+        pos = end
+    while pos < len(body):
+        if pos + 4 > len(body):
+            raise ValueError("body ends inside a TLV header")
+        tag, length = struct.unpack_from(">HH", body, pos)
+        pos += 4 + length
+        if pos > len(body):
+            raise ValueError(f"TLV 0x{tag:04X} runs past the end of the body")
+
+
 def decode(frame: bytes) -> Pdu:
     """Decode one complete frame (as split by PduReader).
 
     Raises:
-        PduError: an unknown command or a body that does not parse; `sequence` and
-            `command_id` come from the header so the caller can still answer it.
+        PduError: an unknown or unsupported command, or a body that does not parse;
+            `sequence` and `command_id` (0 for a command we cannot answer in kind) come
+            from the header so the caller can still answer it.
     """
     _, command_id, status, sequence = HEADER.unpack_from(frame)
     command = COMMAND_NAMES.get(command_id)
@@ -173,19 +216,22 @@ def decode(frame: bytes) -> Pdu:
         raise PduError(f"unknown command id 0x{command_id:08X}", sequence=sequence)
     try:
         obj = smpplib.smpp.parse_pdu(frame, client=_SEQUENCER, allow_unknown_opt_params=True)
-    except (
-        smpplib.exceptions.UnknownCommandError,
-        struct.error,
-        KeyError,
-        IndexError,
-        ValueError,
-        TypeError,
-    ) as exc:
+    except smpplib.exceptions.UnknownCommandError as exc:
+        # SMPP 3.4 commands smpplib has no layout for (replace_sm, outbind, ...): we can
+        # neither read nor answer them in kind, so they are treated as unknown ids.
+        raise PduError(f"unsupported command {command}", sequence=sequence) from exc
+    except (struct.error, KeyError, IndexError, ValueError, TypeError) as exc:
         raise PduError(
             f"cannot decode {command}: {exc!r}", command_id=command_id, sequence=sequence
         ) from exc
     if obj is None:
-        raise PduError(f"unsupported command {command}", command_id=command_id, sequence=sequence)
+        raise PduError(f"unsupported command {command}", sequence=sequence)
+    try:
+        _check_body(obj, frame[HEADER_SIZE:], is_response=bool(command_id & 0x80000000))
+    except ValueError as exc:
+        raise PduError(
+            f"cannot decode {command}: {exc}", command_id=command_id, sequence=sequence
+        ) from exc
     params = {
         name: _value(param, raw)
         for name, param in obj.params.items()

@@ -116,6 +116,11 @@ class Session:
     def outstanding(self) -> int:
         return len(self._outstanding)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of a PDU begun but not yet complete."""
+        return self._reader.buffered
+
     def next_sequence(self) -> int:
         self._last_sequence = self._last_sequence % MAX_SEQUENCE + 1
         return self._last_sequence
@@ -159,9 +164,14 @@ class Session:
         command = request.command
         if command is None or command.endswith("_resp") or command == "generic_nack":
             reply = Pdu("generic_nack", request.sequence, status or ESME_RSYSERR)
-        else:
-            reply = Pdu(f"{command}_resp", request.sequence, status, params or {})
-        return reply, encode(reply)
+            return reply, encode(reply)
+        reply = Pdu(f"{command}_resp", request.sequence, status, params or {})
+        try:
+            return reply, encode(reply)
+        except ValueError:
+            # A response we cannot build must still be answered, never crash the bind.
+            reply = Pdu("generic_nack", request.sequence, status or ESME_RSYSERR)
+            return reply, encode(reply)
 
     def receive_data(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes from the peer.

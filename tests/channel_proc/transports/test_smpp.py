@@ -16,6 +16,8 @@ from channel_proc.transports.smpp import SmppConfig, SmppTransport
 from ipc.payloads import VumiMessage
 from tests.channel_proc.transports.harness import MemoryLink
 from tests.fakes.fake_smsc import (
+    FRAMED_GARBAGE,
+    GARBAGE,
     RINVDSTADR,
     RMSGQFUL,
     RTHROTTLED,
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from channel_proc.transports.base import SendReceipt
+    from channel_proc.transports.smpp.pdu import Pdu
 
 
 def new_link() -> MemoryLink:
@@ -168,6 +171,68 @@ async def test_connection_drop_reconnects() -> None:
         await wait_status(link, "bound")
         await send(transport, message())
         assert len(smsc.submits) == 1
+
+
+async def test_connection_dropped_mid_pdu_reconnects() -> None:
+    async with open_fake_smsc() as smsc, smpp_channel(smsc) as (transport, link):
+        await smsc.drop_mid_pdu()
+        lost = await wait_status(link, "connection_lost")
+        assert lost["message"] == "Connection lost: closed by the SMSC"
+        await wait_status(link, "bound")
+        await send(transport, message())
+    # The half deliver_sm was never answered (the SMSC delivers it again) nor delivered.
+    assert link.pending_inbound() == []
+
+
+#: What the channel says when it drops the connection over each kind of GARBAGE.
+GARBAGE_LOSS = {
+    "random": "invalid command_length",
+    "command_length_0": "invalid command_length 0",
+    "command_length_3": "invalid command_length 3",
+    "command_length_2_31": f"invalid command_length {2**31}",
+    "truncated_body": "36 bytes of a PDU, and no more for 0.3 s",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name == "truncated_body" else name
+        for name in sorted(GARBAGE_LOSS)
+    ],
+)
+async def test_garbage_that_breaks_the_framing_drops_the_connection(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        open_fake_smsc() as smsc,
+        smpp_channel(smsc, smpp_bind_timeout=0.3) as (transport, link),
+    ):
+        await smsc.send_raw(GARBAGE[name])
+        lost = await wait_status(link, "connection_lost")
+        assert lost["message"].startswith("Connection lost: unreadable stream: ")
+        assert GARBAGE_LOSS[name] in lost["message"]
+        await wait_status(link, "bound")
+        await send(transport, message())
+    assert len(smsc.pdus("bind_transceiver")) == 2
+    assert GARBAGE_LOSS[name] in caplog.text
+
+
+@pytest.mark.parametrize("name", sorted(FRAMED_GARBAGE))
+async def test_framed_garbage_is_answered_and_the_bind_stays(name: str) -> None:
+    async with open_fake_smsc() as smsc, smpp_channel(smsc) as (transport, link):
+
+        def answers() -> list[Pdu]:
+            return smsc.pdus("generic_nack") + smsc.pdus("deliver_sm_resp")
+
+        await smsc.send_raw(GARBAGE[name])
+        with trio.fail_after(5):
+            await smsc.wait_until(lambda: bool(answers()))
+        [answer] = answers()
+        assert answer.status != 0
+        await send(transport, message())
+    assert len(smsc.pdus("bind_transceiver")) == 1
+    assert link.pending_inbound() == []
 
 
 async def test_stop_unbinds() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import struct
 from typing import Any
 
 import pytest
@@ -11,7 +12,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from channel_proc.transports.smpp.config import LongMessageMode, SmppConfig
-from channel_proc.transports.smpp.pdu import STATUS_CODES, Pdu, decode, encode
+from channel_proc.transports.smpp.pdu import (
+    COMMAND_IDS,
+    STATUS_CODES,
+    Pdu,
+    PduError,
+    decode,
+    encode,
+)
 from channel_proc.transports.smpp.receipts import (
     Kind,
     classify,
@@ -462,9 +470,67 @@ def test_session_reports_unreadable_requests() -> None:
     body = b"\0" * 16 + b"\xff"
     frame = bytes.fromhex("00000021 00000005 00000000 00000006".replace(" ", "")) + body
     [event] = session.receive_data(frame)
-    assert isinstance(event, Unreadable | Requested)
+    assert isinstance(event, Unreadable)
 
 
 def test_session_ignores_answers_to_nothing() -> None:
     session = _bound()
     assert session.receive_data(encode(Pdu("submit_sm_resp", 77, params={}))) == []
+
+
+def _frame(command: str, body: bytes, status: int = 0, sequence: int = 6) -> bytes:
+    return struct.pack(">LLLL", 16 + len(body), COMMAND_IDS[command], status, sequence) + body
+
+
+_DELIVER_HEAD = encode(Pdu("deliver_sm", 1, params={}))[16:]
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (_frame("deliver_sm", b""), "service_type has no terminating NUL"),
+        (_frame("deliver_sm", b"\0\x01"), "body ends before"),
+        (_frame("deliver_sm", b"abc"), "no terminating NUL"),
+        (_frame("deliver_sm", _DELIVER_HEAD[:-1] + b"\x05ab"), "body ends inside short_message"),
+        (_frame("deliver_sm", _DELIVER_HEAD + b"\x04"), "cannot decode deliver_sm"),
+        (_frame("deliver_sm", _DELIVER_HEAD + b"\x04\x24\x00\x09ab"), "past the end"),
+        (_frame("bind_transceiver", b"esme\0pw\0"), "no terminating NUL"),
+        (_frame("submit_sm_resp", b"abc"), "cannot decode submit_sm_resp"),
+    ],
+    ids=[
+        "empty deliver_sm",
+        "deliver_sm cut after two bytes",
+        "C string without NUL",
+        "short_message past the end",
+        "half a TLV header",
+        "TLV value past the end",
+        "bind without its integers",
+        "message_id without NUL",
+    ],
+)
+def test_decode_refuses_truncated_bodies(frame: bytes, reason: str) -> None:
+    with pytest.raises(PduError, match=reason) as caught:
+        decode(frame)
+    assert caught.value.sequence == 6
+
+
+@pytest.mark.parametrize("status", [0, STATUS_CODES["ESME_RSYSERR"]])
+def test_decode_accepts_a_response_without_a_body(status: int) -> None:
+    pdu = decode(_frame("submit_sm_resp", b"", status))
+    assert (pdu.command, pdu.status, pdu.text("message_id")) == ("submit_sm_resp", status, None)
+
+
+@pytest.mark.parametrize("command", ["replace_sm", "cancel_sm", "outbind", "submit_multi"])
+def test_session_nacks_commands_the_codec_cannot_read(command: str) -> None:
+    session = _bound()
+    [event] = session.receive_data(_frame(command, b""))
+    assert isinstance(event, Replied)
+    assert decode(event.data) == Pdu("generic_nack", 6, STATUS_CODES["ESME_RINVCMDID"])
+
+
+def test_session_answers_with_generic_nack_when_the_response_cannot_be_built() -> None:
+    session = _bound()
+    error = PduError("unreadable", command_id=COMMAND_IDS["replace_sm"], sequence=8)
+    reply, data = session.respond(error, STATUS_CODES["ESME_RX_T_APPN"])
+    assert reply == Pdu("generic_nack", 8, STATUS_CODES["ESME_RX_T_APPN"])
+    assert decode(data) == reply

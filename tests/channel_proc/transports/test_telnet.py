@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -114,28 +114,63 @@ LINE_CASES = [
     ("negotiation split", [b"\xff", b"\xfd", b"\x01ok\n"], ["ok"]),
     ("subnegotiation dropped", [b"\xff\xfa\x18\x01\xff\xf0x\n"], ["x"]),
     ("escaped 0xff is data", [b"\xff\xffz\n"], ["\ufffdz"]),
+    ("NUL and control characters kept", [b"a\x00b\x07\x1b[2J\n"], ["a\x00b\x07\x1b[2J"]),
+    ("lone CR is data", [b"a\rb\n"], ["a\rb"]),
+    ("bare IAC command dropped", [b"\xff\xf1a\xff\xf3b\n"], ["ab"]),
+    ("IAC at the end of a chunk", [b"x\xff", b"\xfb\x01y\n"], ["xy"]),
+    ("unterminated subnegotiation eats the rest", [b"a\xff\xfa\x18junk\nmore\n"], []),
+    ("invalid utf-8 sequences", [b"\xc0\xaf\xed\xa0\x80\xf8\x88\x80\x80\x80\n"], ["\ufffd" * 10]),
 ]
 
 
 @pytest.mark.parametrize(("label", "chunks", "lines"), LINE_CASES, ids=[c[0] for c in LINE_CASES])
 def test_line_reader(label: str, chunks: list[bytes], lines: list[str]) -> None:
     reader = LineReader()
-    got = [line.text for chunk in chunks for line in reader.feed(chunk)]
+    got = [line for chunk in chunks for line in reader.feed(chunk)]
     assert got == lines
+    assert not reader.overflowed
 
 
-def test_line_reader_caps_long_lines_and_keeps_the_next() -> None:
+OVERFLOW_CASES = [
+    ("one long chunk", [b"0123456789abcdef"], []),
+    ("lines before the long one are kept", [b"ok\n0123456789abcdef\nnext\n"], ["ok"]),
+    ("grows across chunks", [b"0123", b"4567", b"8"], []),
+    ("CR counts", [b"01234567\r\n"], []),
+    ("escaped 0xff counts", [b"\xff\xff" * 9], []),
+    ("nothing after the overflow", [b"0123456789", b"\nlater\n"], []),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "chunks", "lines"), OVERFLOW_CASES, ids=[c[0] for c in OVERFLOW_CASES]
+)
+def test_line_reader_overflow(label: str, chunks: list[bytes], lines: list[str]) -> None:
     reader = LineReader(max_line=8)
-    lines = reader.feed(b"0123456789abcdef\nnext\n")
-    assert [(line.text, line.truncated) for line in lines] == [("01234567", True), ("next", False)]
+    got = [line for chunk in chunks for line in reader.feed(chunk)]
+    assert got == lines
+    assert reader.overflowed
+    assert reader.flush() is None
+
+
+def test_line_reader_at_the_limit_is_a_line() -> None:
+    reader = LineReader(max_line=8)
+    assert reader.feed(b"0123456\r\n01234567") == ["0123456"]
+    assert reader.flush() == "01234567"
+    assert not reader.overflowed
+
+
+def test_line_reader_memory_is_bounded_by_the_limit() -> None:
+    reader = LineReader(max_line=1024)
+    for _ in range(100):
+        reader.feed(b"\x00" * 100)
+    assert reader.overflowed
+    assert len(reader._line) == 0
 
 
 def test_line_reader_flush_returns_partial_line() -> None:
     reader = LineReader()
     assert reader.feed(b"partial") == []
-    last = reader.flush()
-    assert last is not None
-    assert last.text == "partial"
+    assert reader.flush() == "partial"
     assert reader.flush() is None
 
 
@@ -167,9 +202,20 @@ INBOUND_CASES = [
         expected=(NEW, resume("bye"), CLOSE),
     ),
     InboundCase(
-        label="overlong line truncated",
-        provider_input=(b"x" * (MAX_LINE_BYTES + 10) + b"\r\nok\r\n",),
-        expected=(NEW, resume("x" * MAX_LINE_BYTES), resume("ok"), CLOSE),
+        label="overlong line disconnects",
+        provider_input=(b"ok\n" + b"x" * (MAX_LINE_BYTES + 10) + b"\r\nlater\r\n",),
+        expected=(NEW, resume("ok"), CLOSE),
+    ),
+    InboundCase(
+        label="configured line limit",
+        config={"max_line_bytes": 16},
+        provider_input=(b"0123456789\n", b"0123456789abcdefg"),
+        expected=(NEW, resume("0123456789"), CLOSE),
+    ),
+    InboundCase(
+        label="binary junk",
+        provider_input=(b"\x00\x01\xfe\xc3(\x7f\n", b"\xff\xfd\x18\xff\xff\x00\r\n"),
+        expected=(NEW, resume("\x00\x01\ufffd\ufffd(\x7f"), resume("\ufffd\x00"), CLOSE),
     ),
     InboundCase(
         label="custom transport_type",
@@ -208,6 +254,51 @@ async def test_telnet_inbound(case: InboundCase) -> None:
         received = [first] + [await link.next_inbound() for _ in case.expected[1:]]
     for msg, expected in zip(received, case.expected, strict=True):
         assert_fields(msg, expected)
+
+
+async def test_telnet_overlong_line_is_refused_with_a_notice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with local_telnet({"max_line_bytes": 100}) as (transport, link):
+        async with telnet_client(transport) as client, trio.open_nursery() as nursery:
+            await link.next_inbound()
+
+            async def keep_sending() -> None:
+                # A client that never stops: the notice must still reach it.
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for _ in range(1000):
+                        await client.send_all(b"y" * 4096)
+
+            nursery.start_soon(keep_sending)
+            received, closed = b"", False
+            with trio.fail_after(READ_TIMEOUT):
+                while chunk := await client.receive_some(4096):
+                    received += chunk
+                closed = True
+            nursery.cancel_scope.cancel()
+        close = await link.next_inbound()
+    assert received == b"Error: line longer than 100 bytes; disconnecting.\r\n"
+    assert closed
+    assert close.session_event == SessionEvent.CLOSE
+    assert "longer than 100 bytes; disconnected" in caplog.text
+
+
+async def test_telnet_junk_client_does_not_disturb_another() -> None:
+    async with (
+        local_telnet({"max_line_bytes": 1000}) as (transport, link),
+        telnet_client(transport) as good,
+    ):
+        good_addr = "{}:{}".format(*good.socket.getsockname()[:2])
+        await link.next_inbound()
+        async with telnet_client(transport) as bad:
+            await link.next_inbound()
+            # Every byte but newline and IAC, past the limit: no line ever ends.
+            await bad.send_all(bytes(b for b in range(256) if b not in (10, 255)) * 8)
+            await good.send_all(b"still here\r\n")
+            got = [await link.next_inbound() for _ in range(2)]
+    by_addr = {msg.from_addr: msg for msg in got}
+    assert by_addr[good_addr].content == "still here"
+    assert [m.session_event for m in got if m.from_addr != good_addr] == [SessionEvent.CLOSE]
 
 
 async def test_telnet_inbound_addresses() -> None:

@@ -446,3 +446,53 @@ async def test_websocket_bind_failure_is_reported_then_retried(
         listening = await link.wait_status("listening")
         assert listening.details["port"] == port
         nursery.cancel_scope.cancel()
+
+
+# --- junk (fault scenario 6) -------------------------------------------------------------------
+
+JUNK_FRAMES = [
+    ("invalid utf-8", b"\xc0\xaf\xed\xa0\x80ok", "\ufffd\ufffd\ufffd\ufffd\ufffdok"),
+    ("NULs and control characters", b"\x00\x07\x1b[2J\x7f", "\x00\x07\x1b[2J\x7f"),
+    ("telnet IAC bytes", b"\xff\xfd\x18", "\ufffd\ufffd\x18"),
+    ("half a JSON object", b'{"content": "x', '{"content": "x'),
+    ("JSON with a non-string content", b'{"content": 5}', '{"content": 5}'),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "frame", "content"), JUNK_FRAMES, ids=[case[0] for case in JUNK_FRAMES]
+)
+async def test_websocket_junk_frames_are_read_and_the_session_goes_on(
+    label: str, frame: bytes, content: str
+) -> None:
+    async with local_websocket() as (transport, link), ws_client(transport) as ws:
+        await link.next_inbound()
+        await ws.send_message(frame)
+        await ws.send_message("after")
+        assert (await link.next_inbound()).content == content
+        assert (await link.next_inbound()).content == "after"
+
+
+RAW_JUNK = [
+    ("random bytes", bytes(range(256)) * 4),
+    ("NULs", b"\x00" * 4096),
+    ("endless request line", b"GET /" + b"a" * 1024 * 1024),
+    ("endless headers", b"GET / HTTP/1.1\r\n" + b"X-Junk: y\r\n" * 100_000),
+]
+
+
+@pytest.mark.parametrize(("label", "junk"), RAW_JUNK, ids=[case[0] for case in RAW_JUNK])
+async def test_websocket_raw_junk_instead_of_a_handshake(label: str, junk: bytes) -> None:
+    """Bytes that are no WebSocket handshake close that connection; the server goes on."""
+    async with local_websocket() as (transport, link):
+        assert isinstance(transport, WebsocketTransport)
+        port = int(transport.server_address.rsplit(":", 1)[1])
+        async with await trio.open_tcp_stream("127.0.0.1", port) as raw:
+            with trio.fail_after(READ_TIMEOUT), suppress(trio.BrokenResourceError):
+                await raw.send_all(junk)
+                while await raw.receive_some(65536):
+                    pass
+        async with ws_client(transport) as ws:
+            assert (await link.next_inbound()).session_event == SessionEvent.NEW
+            await ws.send_message("fine")
+            assert (await link.next_inbound()).content == "fine"
