@@ -4,12 +4,13 @@
 
 Runs against the real backend (a temporary SQLite file, or RabbitMQ at --amqp-host/port) on
 queues under a random namespace, deleted afterwards. Bounded by --messages and --timeout.
+Each phase reports its rate and this process's CPU (all threads) per message: on a shared
+machine the CPU figure moves much less than the rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from bench.cli import add_service_args, check_ranges, run_main
 from ipc.broker_amqp import AmqpBroker
 from ipc.broker_sqlite import SqliteBroker
 from ipc.names import Namespace
@@ -40,22 +42,42 @@ class Phase:
     name: str
     messages: int
     seconds: float
+    #: CPU seconds (user + system, every thread of this process) the phase took.
+    cpu_seconds: float = 0.0
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds if self.seconds > 0 else float("inf")
 
+    @property
+    def cpu_us_per_message(self) -> float:
+        return self.cpu_seconds * 1e6 / self.messages if self.messages else 0.0
+
     def summary(self) -> str:
         return (
             f"{self.name:<24} {self.messages:>6} msgs {self.seconds:8.3f} s {self.rate:10.0f} msg/s"
+            f" {self.cpu_us_per_message:8.0f} us CPU/msg"
+        )
+
+
+class _Clock:
+    """Wall and CPU time since it was made."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def phase(self, name: str, messages: int) -> Phase:
+        return Phase(
+            name, messages, time.perf_counter() - self.wall, time.process_time() - self.cpu
         )
 
 
 async def publish_sequential(broker: Broker, queue: str, count: int, body: bytes) -> Phase:
-    start = time.perf_counter()
+    clock = _Clock()
     for _ in range(count):
         await broker.publish(queue, body)
-    return Phase("publish sequential", count, time.perf_counter() - start)
+    return clock.phase("publish sequential", count)
 
 
 async def publish_concurrent(broker: Broker, queue: str, count: int, body: bytes) -> Phase:
@@ -65,19 +87,19 @@ async def publish_concurrent(broker: Broker, queue: str, count: int, body: bytes
 
     shares = [count // CONCURRENT_PUBLISHERS] * CONCURRENT_PUBLISHERS
     shares[0] += count - sum(shares)
-    start = time.perf_counter()
+    clock = _Clock()
     async with trio.open_nursery() as nursery:
         for share in shares:
             nursery.start_soon(publisher, share)
-    return Phase(f"publish {CONCURRENT_PUBLISHERS} concurrent", count, time.perf_counter() - start)
+    return clock.phase(f"publish {CONCURRENT_PUBLISHERS} concurrent", count)
 
 
 async def consume_and_ack(broker: Broker, queue: str, count: int) -> Phase:
-    start = time.perf_counter()
+    clock = _Clock()
     async with broker.consume(queue, prefetch=PREFETCH) as consumer:
         for _ in range(count):
             await consumer.ack(await consumer.receive())
-    return Phase(f"consume+ack prefetch {PREFETCH}", count, time.perf_counter() - start)
+    return clock.phase(f"consume+ack prefetch {PREFETCH}", count)
 
 
 async def run(broker: Broker, messages: int, body_size: int) -> list[Phase]:
@@ -118,7 +140,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "body_size": args.body_size,
         "concurrent_publishers": CONCURRENT_PUBLISHERS,
         "prefetch": PREFETCH,
-        "results": [{**asdict(p), "rate": round(p.rate, 1)} for p in phases],
+        "results": [
+            {
+                **asdict(p),
+                "rate": round(p.rate, 1),
+                "cpu_us_per_message": round(p.cpu_us_per_message, 1),
+            }
+            for p in phases
+        ],
         "git_commit": git_commit(),
         "machine": machine(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -153,21 +182,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["embedded", "rabbitmq"], required=True)
     parser.add_argument("--messages", type=int, default=5000, help="per publish phase")
     parser.add_argument("--body-size", type=int, default=512)
-    parser.add_argument("--amqp-host", default="127.0.0.1")
-    parser.add_argument("--amqp-port", type=int, default=5672)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    add_service_args(parser, timeout=300.0, redis=False)
     args = parser.parse_args(argv)
-    if not 1 <= args.messages <= 1_000_000:
-        parser.error("--messages must be between 1 and 1000000")
+    check_ranges(parser, args, {"--messages": (1, 1_000_000)})
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = trio.run(main_async, args)
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run_main(main_async, parse_args(argv))
 
 
 if __name__ == "__main__":

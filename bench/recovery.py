@@ -14,13 +14,15 @@ For each N, the real junebug-supervisor (tests/e2e/gateway.py) runs N telnet cha
 - restart: SIGTERM to the supervisor ("stop" until it exited), then a new supervisor:
   "api" until GET /health answers 200, "all bound" until all N telnet ports accept.
 
+CPU seconds are printed too (a killed channel's new process until drained; the whole new
+gateway until all N are bound): on a shared machine they move far less than the times.
+
 Bounded by --timeout per step; loopback only.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -34,6 +36,8 @@ import httpx
 import trio
 
 from bench.broker import git_commit, machine
+from bench.cli import add_service_args, check_ranges, run_main
+from bench.smpp_load import cpu_seconds, process_tree
 from ipc.settings import AmqpSettings, RedisSettings, Settings
 from tests.e2e.gateway import channel_pids, free_port, remember_channel, running_gateway
 from tests.fakes.webhook import open_fake_webhook
@@ -165,7 +169,10 @@ async def measure_kill(
     message_ids = await send_queued(gateway, hook, channel_id, queued, client)
     bound = await wait_accepting(port)
     drained = await wait_events(hook, message_ids)
-    return {"bound_s": bound - killed, "drained_s": drained - killed}
+    # All the new process's CPU, from its spawn to the queue drained: unlike the times,
+    # barely moved by other load on the machine.
+    cpu = cpu_seconds(channel_pids(channel_id))
+    return {"bound_s": bound - killed, "drained_s": drained - killed, "cpu_s": cpu}
 
 
 async def measure_restart(gateway: Gateway, ports: list[int]) -> dict[str, float]:
@@ -188,10 +195,13 @@ async def measure_restart(gateway: Gateway, ports: list[int]) -> dict[str, float
         nursery.start_soon(watch)
         await gateway.start()
         api = trio.current_time()
+    assert gateway.process is not None
     return {
         "stop_s": stopped - began,
         "api_s": api - started,
         "all_bound_s": bound_at[0] - started,
+        # Every process of the new gateway is new: their CPU is what the restart cost.
+        "cpu_s": cpu_seconds(process_tree([gateway.process.pid])),
     }
 
 
@@ -235,6 +245,7 @@ async def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "runs": kills,
             "bound_s": summary([k["bound_s"] for k in kills]),
             "drained_s": summary([k["drained_s"] for k in kills]),
+            "cpu_s": summary([k["cpu_s"] for k in kills]),
         },
         "restart": restart,
     }
@@ -249,6 +260,8 @@ def table(results: list[dict[str, Any]], queued: int) -> str:
         "restart: stop",
         "-> API up",
         "-> all N bound",
+        "CPU s: kill",
+        "restart",
     )
     rows = [header]
     for r in results:
@@ -261,6 +274,8 @@ def table(results: list[dict[str, Any]], queued: int) -> str:
                 f"{restart['stop_s']:.2f}",
                 f"{restart['api_s']:.2f}",
                 f"{restart['all_bound_s']:.2f}",
+                f"{r['kill']['cpu_s']['median']:.2f}",
+                f"{restart['cpu_s']:.1f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -273,6 +288,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results = [await run_size(n, args) for n in args.channels]
     print(f"recovery[{args.backend}] (medians over up to {args.kills} kills per N)")
     print(table(results, args.queued))
+    load = os.getloadavg()[0]
+    print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
     return {
         "benchmark": "recovery",
         "backend": args.backend,
@@ -282,6 +299,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "git_commit": git_commit(),
         "machine": machine(),
+        # Other work on the machine stretches every time: the 1-minute load at the end.
+        "load_average_1m": load,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -297,27 +316,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--kills", type=int, default=3, help="kills per N (distinct channels)")
     parser.add_argument("--queued", type=int, default=50, help="messages queued during a kill")
-    parser.add_argument("--redis-host", default="127.0.0.1")
-    parser.add_argument("--redis-port", type=int, default=6379)
-    parser.add_argument("--amqp-host", default="127.0.0.1")
-    parser.add_argument("--amqp-port", type=int, default=5672)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per step")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    add_service_args(parser, timeout=300.0)
     args = parser.parse_args(argv)
     if not all(1 <= n <= 200 for n in args.channels):
         parser.error("--channels must be between 1 and 200 each")
-    if not 1 <= args.kills <= 20:
-        parser.error("--kills must be between 1 and 20")
-    if not 0 <= args.queued <= 5000:
-        parser.error("--queued must be between 0 and 5000")
+    check_ranges(
+        parser,
+        args,
+        {
+            "--kills": (1, 20),
+            "--queued": (0, 5000),
+        },
+    )
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = trio.run(main_async, args)
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run_main(main_async, parse_args(argv))
 
 
 if __name__ == "__main__":

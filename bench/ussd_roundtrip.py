@@ -12,7 +12,6 @@ process + HTTP answer. Bounded by --requests and --timeout; loopback only.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ import httpx
 import trio
 
 from bench.broker import git_commit, machine
+from bench.cli import add_service_args, check_ranges, run_main
 from ipc.settings import AmqpSettings, RedisSettings, Settings
 from tests.e2e.gateway import free_port, remember_channel, running_gateway, wait_for
 from tests.fakes.webhook import open_fake_webhook
@@ -226,27 +226,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=300, help="measured requests")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured requests first")
     parser.add_argument("--concurrency", type=int, default=1, help="sessions in flight")
-    parser.add_argument("--redis-host", default="127.0.0.1")
-    parser.add_argument("--redis-port", type=int, default=6379)
-    parser.add_argument("--amqp-host", default="127.0.0.1")
-    parser.add_argument("--amqp-port", type=int, default=5672)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the requests")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    add_service_args(parser, timeout=300.0)
     args = parser.parse_args(argv)
-    if not 2 <= args.requests <= 10_000:
-        parser.error("--requests must be between 2 and 10000")
-    if not 0 <= args.warmup <= 1000:
-        parser.error("--warmup must be between 0 and 1000")
-    if not 1 <= args.concurrency <= 50:
-        parser.error("--concurrency must be between 1 and 50")
+    check_ranges(
+        parser,
+        args,
+        {
+            "--requests": (2, 10_000),
+            "--warmup": (0, 1000),
+            "--concurrency": (1, 50),
+        },
+    )
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = trio.run(main_async, args)
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    run_main(main_async, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,16 @@ class StateStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def kv_put_if_absent(
+        self, scope: str, key: str, value: JsonObject, ttl: float | None = None
+    ) -> bool:
+        """Store `value` under (scope, key) only when no live entry is there (an expired one
+        counts as absent), atomically across processes: of racing writers exactly one wins.
+
+        Returns True when this call wrote the value.
+        """
+
+    @abc.abstractmethod
     async def kv_get(self, scope: str, key: str) -> JsonObject | None:
         """The value, or None when missing or expired (reads do not refresh the TTL)."""
 

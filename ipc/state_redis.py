@@ -51,6 +51,24 @@ end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
 """
+# The same layout as kv_put, written only when the key has no live entry. A script rather
+# than SET NX: the entry lives in the scope's hash + expiry zset, which SET NX cannot guard,
+# and a script runs atomically. Same KEYS/ARGV; returns 1 when written.
+_KV_PUT_IF_ABSENT_LUA: Final = """
+local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
+local live = score and (score == 'inf' or tonumber(score) > tonumber(ARGV[1]))
+if live and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
+  return 0
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[5])
+if #expired > 0 then
+  redis.call('HDEL', KEYS[1], unpack(expired))
+  redis.call('ZREM', KEYS[2], unpack(expired))
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
+return 1
+"""
 
 
 def _dump(obj: JsonObject) -> str:
@@ -101,6 +119,7 @@ class RedisStateStore(StateStore):
         )
         self._client = redis.Redis(connection_pool=self._pool)
         self._kv_put_script = self._client.register_script(_KV_PUT_LUA)
+        self._kv_put_if_absent_script = self._client.register_script(_KV_PUT_IF_ABSENT_LUA)
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         # Never waited on: only holders of a `_limiter` token start threads.
         self._threads = trio.CapacityLimiter(MAX_THREADS)
@@ -305,6 +324,23 @@ class RedisStateStore(StateStore):
             )
 
         await self._call(run)
+
+    async def kv_put_if_absent(
+        self, scope: str, key: str, value: JsonObject, ttl: float | None = None
+    ) -> bool:
+        values, expiry = self._kv_keys(scope)
+        now = _now_ms()
+        expires = "+inf" if ttl is None else str(now + _ms(ttl))
+
+        def run(client: redis.Redis) -> bool:
+            written = self._kv_put_if_absent_script(
+                keys=[values, expiry],
+                args=[now, key, _dump(value), expires, KV_SWEEP_BATCH],
+                client=client,
+            )
+            return bool(written)
+
+        return await self._call(run)
 
     async def kv_get(self, scope: str, key: str) -> JsonObject | None:
         values, expiry = self._kv_keys(scope)

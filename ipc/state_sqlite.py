@@ -11,11 +11,12 @@ import functools
 import json
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 import trio
 
 from ipc.errors import StoreUnavailableError
+from ipc.sqlite_inline import InlineRunner
 from ipc.state import JsonObject, OutboundRecord, StateStore
 
 if TYPE_CHECKING:
@@ -117,8 +118,17 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
 class SqliteStateStore(StateStore):
     """The same semantics as the Redis store; rows expire by `expires_at` and are purged lazily."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, namespace: Namespace) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        namespace: Namespace,
+        *,
+        inline: InlineRunner | None = None,
+    ) -> None:
         self._conn = conn
+        # Calls that need not wait for a lock run on trio's thread (ipc/sqlite_inline.py).
+        self._inline = inline
         self._path = path
         self._ns = namespace.prefix
         # One thread at a time touches the connection.
@@ -138,7 +148,14 @@ class SqliteStateStore(StateStore):
             conn = await trio.to_thread.run_sync(_connect, path, busy_timeout)
         except (OSError, sqlite3.DatabaseError) as exc:
             raise StoreUnavailableError(f"cannot open {path}: {exc}") from exc
-        return cls(conn, path, namespace)
+        try:
+            inline = await trio.to_thread.run_sync(
+                functools.partial(InlineRunner.connect, path, pragmas=("foreign_keys=ON",))
+            )
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreUnavailableError(f"cannot open {path}: {exc}") from exc
+        return cls(conn, path, namespace, inline=inline)
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -152,7 +169,22 @@ class SqliteStateStore(StateStore):
             raise StoreUnavailableError(f"{self._path}: {exc}") from exc
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
-        """Run fn(connection) in one transaction (taking the write lock when `write`)."""
+        """Run fn(connection) in one transaction (taking the write lock when `write`):
+        inline when it need not wait for the lock and no purge is due, else in the thread."""
+        purge_due = write and time.time() >= self._next_purge
+        if self._inline is not None and not self._closed and not purge_due:
+            # A cancelled caller stops here, as it would at the threaded path's checkpoint,
+            # rather than doing work it can no longer act on.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                attempt = self._inline.run(fn, write=write)
+            except sqlite3.DatabaseError as exc:
+                raise StoreUnavailableError(f"{self._path}: {exc}") from exc
+            if attempt.done:
+                # Every trio call checkpoints: other tasks get their turn, and what was
+                # committed is not lost to a cancellation (as with the threaded path).
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return cast("T", attempt.result)
         return await self._run(functools.partial(self._transaction, fn, write))
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
@@ -404,6 +436,26 @@ class SqliteStateStore(StateStore):
             write=True,
         )
 
+    async def kv_put_if_absent(
+        self, scope: str, key: str, value: JsonObject, ttl: float | None = None
+    ) -> bool:
+        now = time.time()
+        expires = None if ttl is None else now + ttl
+        # One statement in one write transaction: a live row keeps its value (the WHERE of
+        # the upsert), an expired one is replaced as if it were not there.
+        rowcount = await self._call(
+            lambda conn: (
+                conn.execute(
+                    "INSERT INTO kv VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                    " SET value=excluded.value, expires_at=excluded.expires_at"
+                    " WHERE kv.expires_at IS NOT NULL AND kv.expires_at<=?",
+                    (self._ns, scope, key, _dump(value), expires, now),
+                ).rowcount
+            ),
+            write=True,
+        )
+        return rowcount > 0
+
     async def kv_get(self, scope: str, key: str) -> JsonObject | None:
         row = await self._call(
             lambda conn: conn.execute(
@@ -450,6 +502,8 @@ class SqliteStateStore(StateStore):
         if self._closed:
             return
         self._closed = True
+        if self._inline is not None:
+            self._inline.close()
         # Waits for a call still running in its thread, so the close never races it.
         async with self._limiter:
             self._conn.close()

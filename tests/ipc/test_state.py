@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 from ipc.errors import StoreUnavailableError
 from ipc.names import Namespace
@@ -314,6 +315,69 @@ async def test_rate_counter_expires_and_restarts(store: StateStore) -> None:
     await wait_for(expired)
     await store.incr_rate("c1", "inbound", 1, LONG_TTL)
     assert await store.get_rates("c1", ["inbound"], 1) == {"inbound": 1}
+
+
+# --- compare-and-set on keyed records -------------------------------------------------
+
+RACERS = 20
+
+
+async def test_kv_put_if_absent_writes_only_once(store: StateStore) -> None:
+    assert await store.kv_put_if_absent("c1:claims", "k", {"first": True}, LONG_TTL) is True
+    assert await store.kv_put_if_absent("c1:claims", "k", {"first": False}, LONG_TTL) is False
+    assert await store.kv_get("c1:claims", "k") == {"first": True}
+    # Other keys and scopes are independent; no ttl means kept until deleted.
+    assert await store.kv_put_if_absent("c1:claims", "other", {"n": 2}) is True
+    assert await store.kv_put_if_absent("c2:claims", "k", {"n": 3}) is True
+    # A value from kv_put counts as present; a deleted one as absent.
+    await store.kv_put("c1:claims", "plain", {"n": 4})
+    assert await store.kv_put_if_absent("c1:claims", "plain", {"n": 5}) is False
+    assert await store.kv_delete("c1:claims", "k") is True
+    assert await store.kv_put_if_absent("c1:claims", "k", {"again": 1}, LONG_TTL) is True
+    assert await store.kv_items("c1:claims") == {
+        "k": {"again": 1},
+        "other": {"n": 2},
+        "plain": {"n": 4},
+    }
+
+
+@pytest.mark.slow
+async def test_kv_put_if_absent_treats_an_expired_entry_as_absent(store: StateStore) -> None:
+    assert await store.kv_put_if_absent("c1:claims", "k", {"old": True}, TTL) is True
+    assert await store.kv_put_if_absent("c1:claims", "k", {"early": True}, TTL) is False
+    await wait_ttl_passed(store)
+    assert await store.kv_get("c1:claims", "k") is None
+    assert await store.kv_put_if_absent("c1:claims", "k", {"new": True}) is True
+    assert await store.kv_get("c1:claims", "k") == {"new": True}
+    # Written without ttl: it no longer expires.
+    await wait_ttl_passed(store)
+    assert await store.kv_get("c1:claims", "k") == {"new": True}
+
+
+@pytest.mark.slow
+async def test_kv_put_if_absent_has_one_winner_among_racing_stores(
+    open_store: OpenStore, namespace: Namespace
+) -> None:
+    """Racers with their own store (their own connection, as API workers have): for each key
+    exactly one write succeeds, and the stored value is the winner's."""
+    stores = [await open_store(namespace) for _ in range(RACERS)]
+
+    async def race(index: int, key: str, start: trio.Event, won: list[int]) -> None:
+        await start.wait()
+        if await stores[index].kv_put_if_absent("c1:claims", key, {"racer": index}, LONG_TTL):
+            won.append(index)
+
+    for round_ in range(5):
+        key = f"key-{round_}"
+        won: list[int] = []
+        start = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for index in range(RACERS):
+                nursery.start_soon(race, index, key, start, won)
+            await trio.testing.wait_all_tasks_blocked()
+            start.set()
+        assert len(won) == 1, won
+        assert await stores[0].kv_get("c1:claims", key) == {"racer": won[0]}
 
 
 # --- namespaces and lifecycle ---------------------------------------------------------
