@@ -2,22 +2,33 @@
 field) under which the first send's 201 result is kept for a day; a repeat returns it.
 
 Stored: scope "{owner_id}:idempotency" (owner = the channel, or the destination sending),
-key = the client's key, value = the result, ttl IDEMPOTENCY_TTL. Within one API worker, sends
-with one key run one at a time, so a retry racing its original still finds the result.
+key = the client's key. The key is first reserved with StateStore.kv_put_if_absent (value
+{PENDING_FIELD: token}, ttl RESERVATION_TTL), so of sends racing in any number of API workers
+exactly one sends; the winner replaces the reservation with its result (ttl IDEMPOTENCY_TTL),
+or releases it when the send failed. A duplicate waits for that result (up to
+DUPLICATE_WAIT seconds, then 409). Within one worker, sends with one key also run one at a
+time, so they wait on a lock instead of polling the store.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from quart import current_app, request
 
-from api.errors import ApiUsageError
+from api.errors import ApiError, ApiUsageError
+from ipc.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from ipc.state import StateStore
+
+log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 
@@ -25,7 +36,24 @@ HEADER = "Idempotency-Key"
 BODY_FIELD = "idempotency_key"
 MAX_KEY_LENGTH = 200
 IDEMPOTENCY_TTL = 86400
+#: The field marking a reservation (a send in progress) rather than a result.
+PENDING_FIELD: Final = "_idempotency_pending"
+#: Seconds a reservation lasts: a worker that dies mid-send frees its key after this.
+RESERVATION_TTL: Final = 60.0
+#: Seconds a duplicate waits for the first send's result before 409.
+DUPLICATE_WAIT: Final = 30.0
+#: Polling another worker's reservation: first and longest pause (seconds).
+POLL_FIRST: Final = 0.01
+POLL_MAX: Final = 0.25
+#: Seconds given to releasing a reservation after a failed (or cancelled) send.
+RELEASE_GRACE: Final = 2.0
 _LOCKS_KEY = "junebug.idempotency_locks"
+
+
+class IdempotencyKeyInUseError(ApiError):
+    status = 409
+    description = "idempotency key in use"
+    error_type = "IdempotencyKeyInUse"
 
 
 def idempotency_scope(owner_id: str) -> str:
@@ -73,3 +101,68 @@ class KeyedLocks:
 def idempotency_locks() -> KeyedLocks:
     locks: KeyedLocks = current_app.extensions.setdefault(_LOCKS_KEY, KeyedLocks())
     return locks
+
+
+async def send_once(
+    store: StateStore, scope: str, key: str, submit: Callable[[], Awaitable[JsonObject]]
+) -> tuple[JsonObject, bool]:
+    """(result, replayed): `submit()`'s result if this call reserved the key, else the result
+    of the send that did (replayed True). 409 when that send is still running after
+    DUPLICATE_WAIT seconds."""
+    async with idempotency_locks().hold(f"{scope}\0{key}"):
+        deadline = trio.current_time() + DUPLICATE_WAIT
+        pause = POLL_FIRST
+        while True:
+            token = uuid.uuid4().hex
+            if await store.kv_put_if_absent(scope, key, {PENDING_FIELD: token}, RESERVATION_TTL):
+                return await _send_reserved(store, scope, key, token, submit), False
+            earlier = await store.kv_get(scope, key)
+            if earlier is not None and PENDING_FIELD not in earlier:
+                return earlier, True
+            # Pending in another worker, or released (that send failed) in between: wait a
+            # little and try to reserve again.
+            if trio.current_time() + pause > deadline:
+                raise IdempotencyKeyInUseError(
+                    f"A send with {HEADER} {key!r} is still in progress; retry later"
+                )
+            await trio.sleep(pause)
+            pause = min(pause * 2, POLL_MAX)
+
+
+async def _send_reserved(
+    store: StateStore,
+    scope: str,
+    key: str,
+    token: str,
+    submit: Callable[[], Awaitable[JsonObject]],
+) -> JsonObject:
+    try:
+        result = await submit()
+    except BaseException:
+        # Nothing was queued (publishing is the send's last step that can fail): a retry
+        # with this key must be able to send.
+        with trio.move_on_after(RELEASE_GRACE, shield=True):
+            await _release(store, scope, key, token)
+        raise
+    try:
+        await store.kv_put(scope, key, result, IDEMPOTENCY_TTL)
+    except StoreUnavailableError as exc:
+        # Queued is queued: failing now would invite the very retry the key is for. The
+        # reservation stays until it expires, so duplicates meanwhile get 409, not a resend.
+        log.warning("idempotency key of message %s not kept: %s", result.get("message_id"), exc)
+    return result
+
+
+async def _release(store: StateStore, scope: str, key: str, token: str) -> None:
+    """Remove our reservation (not a result or another send's reservation)."""
+    try:
+        if await store.kv_get(scope, key) == {PENDING_FIELD: token}:
+            await store.kv_delete(scope, key)
+    except StoreUnavailableError as exc:
+        log.warning(
+            "idempotency key %r of %s not released (it expires in %g s): %s",
+            key,
+            scope,
+            RESERVATION_TTL,
+            exc,
+        )

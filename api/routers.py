@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from quart import current_app
@@ -35,12 +37,12 @@ from api.errors import (
 )
 from api.schemas import router_config_problems
 from api.supervisor_link import SupervisorUnreachableError
-from ipc.errors import RemoteError
+from ipc.errors import RemoteError, StoreUnavailableError
 from ipc.messages import ROUTER_CHANNEL_KEYWORD, ROUTER_DEFAULT_KEYWORD
 from ipc.names import ROUTERS_SCOPE, destinations_scope
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
     from api.deps import ApiContext
     from api.supervisor_link import RouterCatalog
@@ -54,6 +56,16 @@ JsonObject = dict[str, Any]
 #: Keys the API owns in router and destination objects; never stored.
 RESERVED_KEYS = frozenset({"id", "status"})
 _LOCK_KEY = "junebug.routers_lock"
+#: The store lease serializing router changes across API workers (see routers_lock).
+LEASE_SCOPE: Final = "api:routers_lease"
+LEASE_KEY: Final = "lease"
+#: Longer than any router change takes (each routed channel restarts within ~20 s).
+LEASE_TTL: Final = 300.0
+#: Seconds a change waits for another worker's before 503.
+LEASE_WAIT: Final = 30.0
+LEASE_POLL_FIRST: Final = 0.01
+LEASE_POLL_MAX: Final = 0.25
+LEASE_RELEASE_GRACE: Final = 2.0
 
 
 class InvalidRouterTypeError(ApiError):
@@ -94,11 +106,55 @@ class StoredRouter:
         return str(self.properties.get("type"))
 
 
-def routers_lock() -> trio.Lock:
-    """Router changes in one API worker run one at a time: each checks what the others write
-    (one router per channel, one default destination) before writing."""
-    lock: trio.Lock = current_app.extensions.setdefault(_LOCK_KEY, trio.Lock())
-    return lock
+class RoutersBusyError(ApiError):
+    status = 503
+    description = "routers busy"
+    error_type = "RoutersBusy"
+
+
+@asynccontextmanager
+async def routers_lock() -> AsyncIterator[None]:
+    """Router changes run one at a time, in every API worker together: each checks what the
+    others write (one router per channel, one default destination) before writing.
+
+    Within a worker a trio.Lock queues them; across workers a lease in the store
+    (kv_put_if_absent) does, released on exit. A worker that dies holding it blocks router
+    changes until LEASE_TTL passes (503 RoutersBusy meanwhile).
+    """
+    local: trio.Lock = current_app.extensions.setdefault(_LOCK_KEY, trio.Lock())
+    store = state_store()
+    async with local:
+        token = uuid.uuid4().hex
+        await _take_lease(store, token)
+        try:
+            yield
+        finally:
+            with trio.move_on_after(LEASE_RELEASE_GRACE, shield=True):
+                await _drop_lease(store, token)
+
+
+async def _take_lease(store: StateStore, token: str) -> None:
+    deadline = trio.current_time() + LEASE_WAIT
+    pause = LEASE_POLL_FIRST
+    while not await store.kv_put_if_absent(
+        LEASE_SCOPE, LEASE_KEY, {"token": token, "pid": os.getpid()}, LEASE_TTL
+    ):
+        if trio.current_time() + pause > deadline:
+            raise RoutersBusyError(
+                f"Another API worker has been changing routers for {LEASE_WAIT:g} s; retry later"
+            )
+        await trio.sleep(pause)
+        pause = min(2 * pause, LEASE_POLL_MAX)
+
+
+async def _drop_lease(store: StateStore, token: str) -> None:
+    try:
+        held = await store.kv_get(LEASE_SCOPE, LEASE_KEY)
+        # Only ours: a lease that outlived LEASE_TTL may have passed to another worker.
+        if held is not None and held.get("token") == token:
+            await store.kv_delete(LEASE_SCOPE, LEASE_KEY)
+    except StoreUnavailableError as exc:
+        log.warning("router lease not released (it expires in %g s): %s", LEASE_TTL, exc)
 
 
 # --- storage ------------------------------------------------------------------------------

@@ -4,7 +4,11 @@ message's stored entries into Junebug `events` and the whole `timeline`.
 Entries share the message's event list in the store (StateStore.add_event): vumi events have
 message_type "event"; timeline entries {"message_type": "timeline", "timestamp", "stage",
 "details"} are written by the API ("accepted", "queued"), the outbound actor ("send_attempt")
-and the forwarder ("webhook_attempt").
+and the forwarder ("webhook_attempt"). A send_attempt's timestamp is when the send started;
+its details: attempt (1, 2, ...), result ("submitted", "rejected", "throttled" or
+"transport_error"), retry (whether it goes again), reason and code (when not submitted),
+provider_message_ids (when submitted; empty when the provider gives none), parts, and
+latency_seconds.
 """
 
 from __future__ import annotations

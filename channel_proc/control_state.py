@@ -1,5 +1,6 @@
 """The channel side of issue 7's control records: a cached reader of the API's pause/cancel
-state (kv "{cid}:control" "state" and scope "{cid}:cancelled"), and each message's verdict.
+state (kv "{cid}:control" "state" and scope "{cid}:cancelled"), and each message's verdict;
+the names of the outbound actor's own records (scope "{cid}:send_attempts").
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 REFRESH_INTERVAL: Final = 0.5
 CANCELLED: Final = "cancelled"
 EXPIRED: Final = "expired"
+#: The rejected reason of a message whose sends kept crashing the channel process.
+SEND_CRASHED: Final = "send_crashed"
 
 
 def control_scope(channel_id: str) -> str:
@@ -27,6 +30,11 @@ def control_scope(channel_id: str) -> str:
 
 def cancelled_scope(channel_id: str) -> str:
     return f"{channel_id}:cancelled"
+
+
+def send_attempts_scope(channel_id: str) -> str:
+    """Sends started and not finished, per message id (the outbound actor's crash counter)."""
+    return f"{channel_id}:send_attempts"
 
 
 def parse_timestamp(text: object) -> dt.datetime | None:

@@ -8,6 +8,16 @@ queue order, before anything newer.
 Queue control (issue 7): while the channel is paused no message is taken; a cancelled or
 expired message is answered with a nack (reason "cancelled"/"expired") instead of being sent;
 `rate_limit_count` provider parts per `rate_limit_window` seconds bound the sends.
+
+With a store: each send attempt is a "send_attempt" entry of the message's timeline, and
+poison messages are caught. A redelivered message (it was taken before and not acked) has its
+sends counted in the store (scope "{cid}:send_attempts") while they run, and cleared when
+they return; one whose count shows MAX_SEND_CRASHES sends that never returned (each crashed
+the process) is not sent again: it is dead-lettered and rejected ("send_crashed"). First
+deliveries are not counted, as they cannot have crashed before: that keeps two store writes
+off every normal send, at the price of one uncounted crash (1 + MAX_SEND_CRASHES in all).
+A message with a crash on record is sent alone, so that a crash counts against it only.
+Every log line written while a message is handled carries its id (channel_proc.logs).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import logging
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -22,12 +33,18 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from channel_proc.backoff import Backoff
-from channel_proc.control_state import REFRESH_INTERVAL, parse_timestamp
+from channel_proc.control_state import (
+    REFRESH_INTERVAL,
+    SEND_CRASHED,
+    parse_timestamp,
+    send_attempts_scope,
+)
 from channel_proc.deadletter import dead_letter
-from channel_proc.transports.errors import SendError
+from channel_proc.logs import message_context
+from channel_proc.transports.errors import ProviderThrottled, SendError
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import decode_vumi_message, encode_payload
-from ipc.errors import ProtocolError
+from ipc.errors import ProtocolError, StoreUnavailableError
 from ipc.payloads import EventType, VumiEvent, vumi_timestamp
 
 if TYPE_CHECKING:
@@ -39,14 +56,23 @@ if TYPE_CHECKING:
     from ipc.broker import Broker, Consumer, Delivery
     from ipc.names import Namespace
     from ipc.payloads import VumiMessage
+    from ipc.state import StateStore
 
 log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
 
 #: Deliveries prefetched beyond the sends in flight: hides broker latency, while a message
 #: of higher priority published later still overtakes everything but these few.
 OUTBOUND_PREFETCH: Final = 8
 #: What `_send` returns for a message the transport accepted without an ack (disable_ack).
 SILENT: Final = VumiEvent(event_type=EventType.ACK, user_message_id=None)
+#: Sends of one message that may crash the process before it is no longer sent.
+MAX_SEND_CRASHES: Final = 3
+#: The timeline stage of each send attempt (api/timeline.py renders it).
+TIMELINE_STAGE: Final = "send_attempt"
+#: Seconds message records are kept when the process does not say (Settings' default).
+RECORD_TTL: Final = 172800.0
 
 
 @dataclass(eq=False, slots=True)
@@ -58,9 +84,25 @@ class _Item:
     msg: VumiMessage
     #: Its entry in the rate limiter's window ([time, parts]), once it has a turn.
     slot: list[float] | None = None
+    #: Sends started for it: by this process, plus those on record that crashed one.
+    attempts: int = 0
+    #: Its send is counted in the store (to be cleared once the send returns).
+    counted: bool = False
+    #: A crash is on record for it: it is sent with nothing else in flight.
+    suspect: bool = False
 
     def __lt__(self, other: _Item) -> bool:
         return self.position < other.position
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """What one send came to: the event to publish (None: retry), the provider parts, and
+    the timeline details (result, reason, provider ids)."""
+
+    event: VumiEvent | None
+    parts: int
+    details: JsonObject
 
 
 @dataclass(slots=True)
@@ -73,6 +115,8 @@ class _Window:
     failed: list[_Item] = field(default_factory=list)
     #: To send again, in queue order, before taking more from the queue.
     redo: list[_Item] = field(default_factory=list)
+    #: A suspect is in flight: nothing else starts until it is done.
+    exclusive: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
 
     def notify(self) -> None:
@@ -137,6 +181,8 @@ class OutboundActor:
         rate_limit: RateLimiter | None = None,
         counters: Counters | None = None,
         send_rate: SendRate | None = None,
+        store: StateStore | None = None,
+        record_ttl: float = RECORD_TTL,
     ) -> None:
         self._broker = broker
         self._namespace = namespace
@@ -151,6 +197,9 @@ class OutboundActor:
         self._limiter = rate_limit or RateLimiter(None, None)
         self._counters = counters
         self._send_rate = send_rate
+        self._store = store
+        self._record_ttl = record_ttl
+        self._attempts_scope = send_attempts_scope(channel_id)
         #: Position -> vumi timestamp of every message taken and not yet acked.
         self._held: dict[int, str] = {}
 
@@ -200,7 +249,7 @@ class OutboundActor:
                 if not await self._recover(window):
                     return None
                 continue
-            if window.in_flight >= window.size:
+            if window.in_flight >= window.size or window.exclusive:
                 await self._wait_change(window)
                 continue
             if await self._paused():
@@ -229,13 +278,92 @@ class OutboundActor:
                 # A send failed while we waited: this one goes after the failed ones.
                 bisect.insort(window.redo, item)
                 continue
+            crashes = await self._crashes(item)
+            if crashes >= MAX_SEND_CRASHES:
+                await self._reject_crashed(consumer, item, crashes)
+                continue
+            if crashes:
+                # Alone: if it crashes the process again, no other message is blamed.
+                if not await self._wait_alone(window):
+                    return None
+                if window.failed:
+                    bisect.insort(window.redo, item)
+                    continue
+            await self._count_send(item, crashes)
             if self._limiter.enabled:
                 item.slot = await self._limiter.turn(self._shutdown)
                 if item.slot is None:
                     # Stopping: unacked, it goes back to the queue.
                     return None
+            window.exclusive = item.suspect
             return item
         return None
+
+    async def _wait_alone(self, window: _Window) -> bool:
+        """Wait until no send is in flight; False when a stop came first."""
+        while window.in_flight and not self._shutdown.requested:
+            await self._wait_change(window)
+        return not self._shutdown.requested
+
+    async def _crashes(self, item: _Item) -> int:
+        """Sends of this redelivered message that never returned (0 for a first delivery)."""
+        if self._store is None or not item.delivery.redelivered:
+            return 0
+        record = await self._store.kv_get(self._attempts_scope, item.msg.message_id)
+        started = record.get("started") if record is not None else None
+        return started if isinstance(started, int) and started > 0 else 0
+
+    async def _count_send(self, item: _Item, crashes: int) -> None:
+        """Record the send about to start (redelivered messages only; see the module doc)."""
+        item.attempts = max(item.attempts, crashes)
+        item.suspect = crashes > 0
+        if self._store is None or not item.delivery.redelivered:
+            return
+        await self._store.kv_put(
+            self._attempts_scope,
+            item.msg.message_id,
+            {"started": crashes + 1},
+            self._record_ttl,
+        )
+        item.counted = True
+
+    async def _uncount_send(self, item: _Item) -> None:
+        if self._store is None or not item.counted:
+            return
+        try:
+            await self._store.kv_delete(self._attempts_scope, item.msg.message_id)
+        except StoreUnavailableError as exc:
+            # Sent already: a stale count only makes a later redelivery a suspect sooner.
+            log.warning("send count of message %s not cleared: %s", item.msg.message_id, exc)
+            return
+        item.counted = False
+
+    async def _reject_crashed(self, consumer: Consumer, item: _Item, crashes: int) -> None:
+        """A poison message: dead-lettered (for an operator to look at or replay) and
+        rejected, instead of crashing the channel forever."""
+        message_id = item.msg.message_id
+        with message_context(message_id):
+            await dead_letter(
+                self._broker,
+                self._namespace,
+                self._channel_id,
+                item.delivery.body,
+                source_queue=self._queue,
+                store=self._store,
+                reason=f"{SEND_CRASHED}: {crashes} sends of message {message_id} crashed "
+                "the channel process",
+            )
+            event = VumiEvent(
+                event_type=EventType.NACK,
+                user_message_id=message_id,
+                nack_reason=SEND_CRASHED,
+                transport_name=self._channel_id,
+            )
+            await self._broker.publish(self._event_queue, encode_payload(event))
+            await consumer.ack(item.delivery)
+            self._held.pop(item.position, None)
+            item.counted = True
+            await self._uncount_send(item)
 
     async def _paused(self, *, force: bool = False) -> bool:
         if self._control is None:
@@ -288,6 +416,7 @@ class OutboundActor:
                 self._channel_id,
                 delivery.body,
                 source_queue=self._queue,
+                store=self._store,
                 reason=str(exc),
             )
             await consumer.ack(delivery)
@@ -308,24 +437,74 @@ class OutboundActor:
         # next message is only taken once this send has run up to its first checkpoint, so
         # a transport sees the calls in queue order and may fix its place in line there.
         task_status.started()
+        item.attempts += 1
+        started_at = vumi_timestamp()
         try:
-            with self._shutdown.busy():
-                started = trio.current_time()
-                event, parts = await self._send(item.msg)
-                self._limiter.settle(item.slot, parts)
-                if event is None:
-                    window.failed.append(item)
-                    return
+            done = await self._attempt(consumer, window, item)
+        finally:
+            window.in_flight -= 1
+            if item.suspect:
+                window.exclusive = False
+            window.notify()
+        if done is None:
+            # Cut short by a hurried stop: unacked, it goes back to the queue.
+            return
+        attempt, latency = done
+        # Bookkeeping after the window has room again: it does not hold up the next send.
+        with self._shutdown.busy(), message_context(item.msg.message_id):
+            await self._uncount_send(item)
+            await self._record_attempt(item, attempt, started_at, latency)
+
+    async def _attempt(
+        self, consumer: Consumer, window: _Window, item: _Item
+    ) -> tuple[_Attempt, float] | None:
+        """Send, publish its event and ack (or mark it failed); the attempt and its latency,
+        None when a hurried stop cut the send short."""
+        started = trio.current_time()
+        done: tuple[_Attempt, float] | None = None
+        with self._shutdown.busy(), message_context(item.msg.message_id):
+            attempt = await self._send(item.msg)
+            latency = trio.current_time() - started
+            self._limiter.settle(item.slot, attempt.parts)
+            event = attempt.event
+            if event is None:
+                window.failed.append(item)
+            else:
                 self._retry.reset()
                 if event is SILENT or event.event_type == EventType.ACK:
-                    self._record_sent(parts, trio.current_time() - started)
+                    self._record_sent(attempt.parts, latency)
                 if event is not SILENT:
                     await self._broker.publish(self._event_queue, encode_payload(event))
                 await consumer.ack(item.delivery)
                 self._held.pop(item.position, None)
-        finally:
-            window.in_flight -= 1
-            window.notify()
+            done = attempt, latency
+        return done
+
+    async def _record_attempt(
+        self, item: _Item, attempt: _Attempt, started_at: str, latency: float
+    ) -> None:
+        """One "send_attempt" timeline entry, stored with the message's events."""
+        if self._store is None:
+            return
+        entry = {
+            "message_type": "timeline",
+            # When it started: it sorts before the ack or nack it led to.
+            "timestamp": started_at,
+            "stage": TIMELINE_STAGE,
+            "details": {
+                "attempt": item.attempts,
+                **attempt.details,
+                "parts": attempt.parts,
+                "latency_seconds": round(latency, 6),
+            },
+        }
+        try:
+            await self._store.add_event(
+                self._channel_id, item.msg.message_id, uuid.uuid4().hex, entry, self._record_ttl
+            )
+        except StoreUnavailableError as exc:
+            # The send is done; crashing now would only send it again.
+            log.warning("send attempt of message %s not recorded: %s", item.msg.message_id, exc)
 
     def _record_sent(self, parts: int, latency: float) -> None:
         if self._counters is not None:
@@ -335,32 +514,39 @@ class OutboundActor:
         if self._send_rate is not None:
             self._send_rate.record()
 
-    async def _send(self, msg: VumiMessage) -> tuple[VumiEvent | None, int]:
-        """The ack or nack event for `msg` (None when a retry may help), and the provider
-        parts it took (as the transport reports them, else 1)."""
+    async def _send(self, msg: VumiMessage) -> _Attempt:
+        """The ack or nack event for `msg` (None when a retry may help), the provider parts
+        it took (as the transport reports them, else 1), and what to say in the timeline."""
         try:
             receipt = await self._transport.send(msg)
         except SendError as err:
+            details: JsonObject = {"reason": err.reason, "code": err.code}
             if err.retryable:
                 log.warning(
                     "message %s not sent (%s): %s; will retry", msg.message_id, err.code, err
                 )
-                return None, 1
+                throttled = isinstance(err, ProviderThrottled)
+                details["result"] = "throttled" if throttled else "transport_error"
+                return _Attempt(None, 1, {**details, "retry": True})
             log.warning("message %s rejected (%s): %s", msg.message_id, err.code, err)
-            return VumiEvent(
+            event = VumiEvent(
                 event_type=EventType.NACK,
                 user_message_id=msg.message_id,
                 nack_reason=err.reason,
                 transport_name=self._channel_id,
-            ), 1
+            )
+            return _Attempt(event, 1, {"result": "rejected", **details, "retry": False})
         reported = getattr(receipt, "parts", None)
         parts = reported if isinstance(reported, int) and reported >= 1 else 1
+        provider_ids = receipt.provider_message_id.split(",") if receipt.provider_message_id else []
+        details = {"result": "submitted", "provider_message_ids": provider_ids, "retry": False}
         if not receipt.publish_ack:
-            return SILENT, parts
-        return VumiEvent(
+            return _Attempt(SILENT, parts, details)
+        event = VumiEvent(
             event_type=EventType.ACK,
             timestamp=receipt.accepted_at or vumi_timestamp(),
             user_message_id=msg.message_id,
             sent_message_id=receipt.provider_message_id or msg.message_id,
             transport_name=self._channel_id,
-        ), parts
+        )
+        return _Attempt(event, parts, details)

@@ -32,7 +32,7 @@ from channel_proc.status import MAILBOX_SIZE, run_status_actor
 from channel_proc.transports import available_transports
 from channel_proc.transports.base import StatusLevel
 from channel_proc.transports.errors import ConfigError
-from channel_proc.webhook import Callback, WebhookError, safe_url
+from channel_proc.webhook import Callback, WebhookError, pool_limits, safe_url
 from ipc.client import open_ipc_client
 from ipc.errors import ConnectionClosedError, ProtocolError
 from ipc.messages import Role
@@ -180,7 +180,9 @@ async def run_channel_process(
     reporter = StatusReporter(mail_send)
     counters = Counters()
     async with (
-        httpx.AsyncClient(timeout=settings.webhook_timeout) as http,
+        httpx.AsyncClient(
+            timeout=settings.webhook_timeout, limits=pool_limits(settings.webhook_concurrency)
+        ) as http,
         trio.open_nursery() as infra,
     ):
         if watch_process:
@@ -215,6 +217,8 @@ async def run_channel_process(
             rate_limit=RateLimiter(props.rate_limit_count, props.rate_limit_window),
             counters=counters,
             send_rate=send_rate,
+            store=store,
+            record_ttl=settings.outbound_message_ttl,
         )
         snapshots = RuntimeSnapshots(
             store=store,

@@ -12,12 +12,7 @@ from quart import Blueprint
 from api.channel_object import current_bucket, has_destination
 from api.deps import api_context, queue_broker, state_store
 from api.errors import ApiUsageError, MessageNotFoundError, envelope
-from api.idempotency import (
-    IDEMPOTENCY_TTL,
-    idempotency_locks,
-    idempotency_scope,
-    requested_key,
-)
+from api.idempotency import idempotency_scope, requested_key, send_once
 from api.outbound import (
     check_character_limit,
     expires_at_of,
@@ -151,17 +146,10 @@ async def submit_message(context: ApiContext, target: SendTarget, body: JsonObje
     if key is None:
         return Submitted(await _submit(context, target, body))
     scope = idempotency_scope(target.idempotency_owner)
-    async with idempotency_locks().hold(f"{scope}\0{key}"):
-        earlier = await state_store().kv_get(scope, key)
-        if earlier is not None:
-            return Submitted(earlier, replayed=True)
-        result = await _submit(context, target, body)
-        try:
-            await state_store().kv_put(scope, key, result, IDEMPOTENCY_TTL)
-        except StoreUnavailableError as exc:
-            # Queued is queued: failing now would invite the very retry the key is for.
-            log.warning("idempotency key of message %s not kept: %s", result["message_id"], exc)
-    return Submitted(result)
+    result, replayed = await send_once(
+        state_store(), scope, key, lambda: _submit(context, target, body)
+    )
+    return Submitted(result, replayed=replayed)
 
 
 async def _submit(context: ApiContext, target: SendTarget, body: JsonObject) -> JsonObject:
