@@ -14,6 +14,7 @@ from api.errors import http_error_response, register_error_handlers
 from api.routes import (
     channels,
     control,
+    dead_letters,
     destinations,
     docs,
     health,
@@ -110,6 +111,7 @@ def create_app(
         metrics.blueprint,
         routers.blueprint,
         destinations.blueprint,
+        dead_letters.blueprint,
         health.blueprint,
         docs.blueprint,
     ):

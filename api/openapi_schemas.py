@@ -7,6 +7,7 @@ from typing import Any
 
 from api.channel_object import RATES
 from api.queue_control import SNAPSHOT_FIELDS
+from api.routes.dead_letters import DEAD_LETTER_SCHEMA
 from api.schemas import (
     CHANNEL_CREATE,
     CHANNEL_MODIFY,
@@ -172,7 +173,11 @@ _EVENT: JsonObject = {
                 None,
             ]
         },
-        "event_details": {"type": "object"},
+        "event_details": {
+            "type": "object",
+            "description": "for rejected: reason (cancelled, expired, send_crashed or the"
+            " provider's error), for delivery reports the provider's status",
+        },
     },
 }
 
@@ -298,4 +303,5 @@ COMPONENT_SCHEMAS: dict[str, JsonObject] = {
     "QueueReportList": {"type": "array", "items": ref("QueueReport")},
     "ErrorItem": _ERROR_ITEM,
     "ErrorEnvelope": envelope_schema(ERRORS_RESULT),
+    "DeadLetter": DEAD_LETTER_SCHEMA,
 }

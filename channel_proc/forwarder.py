@@ -1,7 +1,10 @@
 """The forwarder: inbound messages and events from the channel's queues to webhooks and AMQP.
 
-Each queue has its own consumer, so a dead mo_url never holds up events. A message
-is acked only once delivered (or dead-lettered), so a killed process loses nothing.
+Each queue has its own consumer, so a dead mo_url never holds up events. Per queue, up to
+settings.webhook_concurrency POSTs are in flight, started in queue order; a failing delivery
+holds the queue's later ones back while it retries (channel_proc.lane), so an outage neither
+reorders the backlog nor multiplies the retries. A message is acked only once delivered (or
+dead-lettered), so a killed process loses nothing.
 mo_url and event_url may be templates (channel_proc.templates), rendered per request; each
 POST carries X-Junebug-Delivery (and X-Junebug-Signature with a signing secret), and each
 attempt is recorded in the message's timeline.
@@ -15,17 +18,19 @@ import time
 import uuid
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import trio
 
 from channel_proc.backoff import Backoff
+from channel_proc.consumer import QueueConsumer
 from channel_proc.counters import Counters
-from channel_proc.deadletter import dead_letter
 from channel_proc.transports.base import StatusLevel
 from channel_proc.transports.errors import ConfigError
 from channel_proc.webhook import (
     Callback,
+    PostResult,
     WebhookError,
     WebhookTarget,
     delivery_id,
@@ -33,17 +38,18 @@ from channel_proc.webhook import (
     safe_url,
 )
 from ipc.broker import MAX_PRIORITY
-from ipc.codec import decode_vumi_event, decode_vumi_message
+from ipc.codec import decode_vumi_message
 from ipc.errors import ProtocolError
 from ipc.names import amqp_event_key, amqp_inbound_key, amqp_outbound_queue
 from ipc.payloads import api_event, api_message, junebug_event_type, vumi_timestamp
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Mapping
 
     import httpx
 
     from channel_proc.events import StatusReporter
+    from channel_proc.lane import Turn
     from channel_proc.lifecycle import Shutdown
     from ipc.broker import Broker, Consumer, Delivery
     from ipc.names import Namespace
@@ -51,11 +57,8 @@ if TYPE_CHECKING:
     from ipc.settings import Settings
     from ipc.state import StateStore
 
-    Handler = Callable[[Consumer, Delivery], Awaitable[None]]
-
 log = logging.getLogger(__name__)
 
-PREFETCH: Final = 16
 #: Messages relayed from `{amqp_queue}.outbound` get the API's default priority.
 AMQP_OUTBOUND_PRIORITY: Final = 1
 MO_COMPONENT: Final = "mo_url"
@@ -64,6 +67,9 @@ EVENT_COMPONENT: Final = "event_url"
 MO_TARGET: Final = "mo_url"
 EVENT_TARGET: Final = "event_url"
 TIMELINE_STAGE: Final = "webhook_attempt"
+#: One attempt (connect, send, answer) may take this many webhook_timeouts in all: httpx's
+#: timeout bounds each phase, not their sum (nor an answer trickling in).
+ATTEMPT_TIMEOUTS: Final = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,7 +104,7 @@ class _Delivery:
     delivery_id: str
 
 
-class Forwarder:
+class Forwarder(QueueConsumer):
     """Consumes `{cid}.inbound`, `{cid}.event` and (RabbitMQ only) `{amqp_queue}.outbound`."""
 
     #: Whether inbound messages and events count in the process's `counters` (a router
@@ -132,17 +138,19 @@ class Forwarder:
             ConfigError: mo_url is a plain URL that cannot be used. (An invalid mo_url
                 template is logged here and each inbound message is dead-lettered.)
         """
-        self._log = logger or log
+        super().__init__(
+            broker=broker,
+            store=store,
+            namespace=namespace,
+            channel_id=channel_id,
+            settings=settings,
+            shutdown=shutdown,
+            logger=logger or log,
+        )
         self._mo_component, self._event_component = components
-        self._broker = broker
-        self._store = store
         self._http = http
-        self._ns = namespace
-        self._cid = channel_id
         self._routes = routes
-        self._settings = settings
         self._reporter = reporter
-        self._shutdown = shutdown
         self._retry_initial = retry_initial
         self._retry_cap = retry_cap
         self._failing: set[str] = set()
@@ -163,7 +171,7 @@ class Forwarder:
                 if not self._mo.is_template:
                     raise ConfigError(f"mo_url {safe_url(routes.mo_url)}: {exc.reason}") from exc
                 # The API refuses such templates; one stored before that is not worth a dead
-                # channel: its messages stay replayable in the dead-letter queue.
+                # channel: its messages stay replayable from its dead letters.
                 self._log.error(
                     "mo_url %s: %s; inbound messages will be dead-lettered",
                     safe_url(routes.mo_url),
@@ -173,49 +181,33 @@ class Forwarder:
     async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Start every consumer, then run until a stop is requested and in-flight work ends."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._consume, self._ns.inbound_queue(self._cid), self._inbound)
-            await nursery.start(self._consume, self._ns.event_queue(self._cid), self._event)
+            await self._start_consumers(nursery)
             if self._amqp_queue:
                 await self._broker.declare_queue(self._relay_queue(), max_priority=MAX_PRIORITY)
-                await nursery.start(self._consume, self._amqp_outbound, self._relay_outbound)
+                # One at a time: relaying is quick, and keeps the application's order.
+                relay = partial(self._consume, self._amqp_outbound, self._relay_outbound, limit=1)
+                await nursery.start(relay)
             task_status.started()
-
-    async def _consume(
-        self, queue: str, handle: Handler, *, task_status: trio.TaskStatus[None]
-    ) -> None:
-        await self._broker.declare_queue(queue)
-        async with self._broker.consume(queue, prefetch=PREFETCH) as consumer:
-            task_status.started()
-            while (delivery := await self._shutdown.receive(consumer)) is not None:
-                with self._shutdown.busy():
-                    await handle(consumer, delivery)
 
     # --- inbound ----------------------------------------------------------------------
 
-    async def _inbound(self, consumer: Consumer, delivery: Delivery) -> None:
+    async def _handle_inbound(
+        self, consumer: Consumer, delivery: Delivery, turn: Turn, msg: VumiMessage
+    ) -> None:
         source = self._ns.inbound_queue(self._cid)
-        try:
-            msg = decode_vumi_message(delivery.body)
-        except ProtocolError as exc:
-            await self._dead_letter(delivery.body, source, str(exc))
-            await consumer.ack(delivery)
-            return
-        # Stored before the POST so that a reply works even while mo_url fails.
-        await self._store.put_inbound(
-            self._cid,
-            msg.message_id,
-            msg.model_dump(mode="json"),
-            self._settings.inbound_message_ttl,
-        )
         if self._mo is not None:
             what = f"inbound message {msg.message_id}"
             body = self._mo_body(msg)
-            outcome = await self._post_mo(self._mo, msg, body, what)
+            outcome = await self._post_mo(self._mo, msg, body, what, turn)
             if outcome is Outcome.STOPPED:
                 return
             if outcome is Outcome.GAVE_UP:
+                if not await turn.begin():
+                    return
                 await self._dead_letter(delivery.body, source, f"mo_url gave up on {what}")
         if self._amqp_queue:
+            if not await turn.begin():
+                return
             key = amqp_inbound_key(self._amqp_queue)
             await self._broker.publish(key, delivery.body)
             self._log.info("inbound message %s published to %s", msg.message_id, key)
@@ -227,7 +219,12 @@ class Forwarder:
         return api_message(msg, self._cid)
 
     async def _post_mo(
-        self, callback: Callback, msg: VumiMessage, body: Mapping[str, object], what: str
+        self,
+        callback: Callback,
+        msg: VumiMessage,
+        body: Mapping[str, object],
+        what: str,
+        turn: Turn,
     ) -> Outcome:
         values = {
             "message_id": msg.message_id,
@@ -250,38 +247,36 @@ class Forwarder:
             message_id=msg.message_id,
             delivery_id=delivery_id(MO_TARGET, msg.message_id),
         )
-        return await self._deliver(attempt, body, what)
+        return await self._deliver(attempt, body, what, turn)
 
     # --- events -----------------------------------------------------------------------
 
-    async def _event(self, consumer: Consumer, delivery: Delivery) -> None:
+    async def _handle_event(
+        self, consumer: Consumer, delivery: Delivery, turn: Turn, event: VumiEvent
+    ) -> None:
         source = self._ns.event_queue(self._cid)
-        try:
-            event = decode_vumi_event(delivery.body)
-        except ProtocolError as exc:
-            await self._dead_letter(delivery.body, source, str(exc))
-            await consumer.ack(delivery)
-            return
         record: Mapping[str, object] | None = None
-        ttl = self._settings.outbound_message_ttl
         if event.user_message_id is None:
             self._log.warning("cannot store event %s: missing user_message_id", event.event_id)
         else:
-            await self._store.add_event(
-                self._cid, event.user_message_id, event.event_id, event.model_dump(mode="json"), ttl
-            )
             record = await self._event_record(event, event.user_message_id)
         event_type = junebug_event_type(event)
         event_url = record.get("event_url") if record is not None else None
         mid = event.user_message_id
         if isinstance(event_url, str) and event_url and record is not None and mid is not None:
             what = f"{event_type} event {event.event_id} of message {mid}"
-            outcome = await self._forward_event(event_url, record, event_type, event, mid, what)
+            outcome = await self._forward_event(
+                event_url, record, event_type, event, mid, what, turn
+            )
             if outcome is Outcome.STOPPED:
                 return
             if outcome is Outcome.GAVE_UP:
+                if not await turn.begin():
+                    return
                 await self._dead_letter(delivery.body, source, f"event_url gave up on {what}")
         if self._amqp_queue:
+            if not await turn.begin():
+                return
             key = amqp_event_key(self._amqp_queue)
             await self._broker.publish(key, delivery.body)
             self._log.info(
@@ -310,6 +305,7 @@ class Forwarder:
         event: VumiEvent,
         message_id: str,
         what: str,
+        turn: Turn,
     ) -> Outcome:
         if event_type is None:
             self._log.info("discarding unrecognised event %s", event.event_id)
@@ -343,11 +339,11 @@ class Forwarder:
             message_id=message_id,
             delivery_id=delivery_id(EVENT_TARGET, event.event_id),
         )
-        return await self._deliver(attempt, body, what)
+        return await self._deliver(attempt, body, what, turn)
 
     # --- AMQP-originated outbound -----------------------------------------------------
 
-    async def _relay_outbound(self, consumer: Consumer, delivery: Delivery) -> None:
+    async def _relay_outbound(self, consumer: Consumer, delivery: Delivery, turn: Turn) -> None:
         # Relayed unchanged: the outbound actor dead-letters what it cannot decode.
         try:
             what = f"message {decode_vumi_message(delivery.body).message_id}"
@@ -365,57 +361,124 @@ class Forwarder:
 
     # --- helpers ----------------------------------------------------------------------
 
-    async def _deliver(self, delivery: _Delivery, body: Mapping[str, object], what: str) -> Outcome:
+    async def _deliver(
+        self, delivery: _Delivery, body: Mapping[str, object], what: str, turn: Turn
+    ) -> Outcome:
         """POST until a 2xx answer, backing off; give up after settings.webhook_max_age.
         Each attempt is recorded in the message's timeline; each failed one is counted.
 
-        The age counts from the first attempt in this process: after a restart a message
-        gets a fresh allowance rather than being dropped on its first failure.
+        The first attempt waits for its turn in queue order; after a failure, only the
+        queue's earliest failing delivery retries (see channel_proc.lane). The age counts
+        from the first attempt in this process: after a restart a message gets a fresh
+        allowance rather than being dropped on its first failure.
         """
+        if not await turn.begin():
+            return Outcome.STOPPED
         component, target = delivery.component, delivery.webhook
-        backoff = Backoff(initial=self._retry_initial, cap=self._retry_cap)
+        # Made at the first failure: its random.Random() costs ~0.1 ms (os.urandom seeding),
+        # a fair part of a delivery's CPU time when nothing fails.
+        backoff: Backoff | None = None
         first_attempt = trio.current_time()
         max_age = self._settings.webhook_max_age
+        attempt = 0
         while True:
-            attempt = backoff.attempts + 1
+            attempt += 1
             try:
-                status = await post_json(self._http, target, body, delivery=delivery.delivery_id)
+                result = await self._post(target, body, delivery.delivery_id)
             except WebhookError as exc:
                 self._counters.inc("webhook_failures_total", delivery.target)
                 await self._record_attempt(delivery, attempt, exc.status, exc.reason)
                 age = trio.current_time() - first_attempt
                 if exc.permanent or age >= max_age:
+                    turn.settle()
                     self._log.error(
                         "giving up on %s to %s after %d attempt(s) in %.0f s: %s",
                         what,
                         component,
-                        backoff.attempts + 1,
+                        attempt,
                         age,
                         exc.reason,
                     )
                     return Outcome.GAVE_UP
-                delay = min(backoff.next_delay(), max_age - age)
-                self._log.warning(
-                    "%s not delivered to %s (%s); retry %d in %.1f s",
-                    what,
-                    component,
-                    exc.reason,
-                    backoff.attempts,
-                    delay,
-                )
                 self._report_failing(component, target, exc.reason)
-                if not await self._shutdown.sleep(delay):
+                if backoff is None:
+                    backoff = Backoff(initial=self._retry_initial, cap=self._retry_cap)
+                if not await self._wait_to_retry(
+                    turn, backoff, what, component, exc, max_age - age
+                ):
                     return Outcome.STOPPED
             else:
-                await self._record_attempt(delivery, attempt, status, None)
+                turn.settle()
+                note = None
+                if result.oversized:
+                    note = (
+                        f"answer over {self._settings.webhook_max_response_bytes} bytes: discarded"
+                    )
+                await self._record_attempt(delivery, attempt, result.status, note, delivered=True)
                 self._log.info("%s delivered to %s", what, component)
                 self._report_recovered(component, target)
                 return Outcome.DELIVERED
 
+    async def _post(
+        self, target: WebhookTarget, body: Mapping[str, object], delivery: str
+    ) -> PostResult:
+        """One attempt, bounded as a whole (see ATTEMPT_TIMEOUTS)."""
+        limit = ATTEMPT_TIMEOUTS * self._settings.webhook_timeout
+        with trio.move_on_after(limit):
+            return await post_json(
+                self._http,
+                target,
+                body,
+                delivery=delivery,
+                max_response_bytes=self._settings.webhook_max_response_bytes,
+            )
+        raise WebhookError(f"{target.url} gave no complete answer within {limit:.0f} s")
+
+    async def _wait_to_retry(
+        self,
+        turn: Turn,
+        backoff: Backoff,
+        what: str,
+        component: str,
+        exc: WebhookError,
+        time_left: float,
+    ) -> bool:
+        """Wait for this delivery's next attempt; False when a stop cut the wait short."""
+        while True:
+            probe = await turn.wait_to_retry()
+            if probe is False:
+                return False
+            if probe is None:
+                self._log.info(
+                    "retrying %s to %s now that the ones before it settled", what, component
+                )
+                return True
+            delay = min(backoff.next_delay(), time_left)
+            self._log.warning(
+                "%s not delivered to %s (%s); retry %d in %.1f s",
+                what,
+                component,
+                exc.reason,
+                backoff.attempts,
+                delay,
+            )
+            if not await self._shutdown.sleep(delay):
+                return False
+            if turn.probing:
+                return True
+            # An earlier delivery failed meanwhile: it probes, this one waits for it.
+
     async def _record_attempt(
-        self, delivery: _Delivery, attempt: int, status: int | None, error: str | None
+        self,
+        delivery: _Delivery,
+        attempt: int,
+        status: int | None,
+        error: str | None,
+        *,
+        delivered: bool = False,
     ) -> None:
-        """One timeline entry per attempt, stored with the message's events."""
+        """One timeline entry per attempt, stored with the message's events. `error` is why
+        it failed, or a note on a delivered one (an oversized answer)."""
         entry = {
             "message_type": "timeline",
             "timestamp": vumi_timestamp(),
@@ -425,7 +488,7 @@ class Forwarder:
                 "attempt": attempt,
                 "status": status,
                 "error": error,
-                "delivered": error is None,
+                "delivered": delivered,
             },
         }
         await self._store.add_event(
@@ -470,8 +533,3 @@ class Forwarder:
         window = self._settings.metric_window
         bucket = int(time.time() / window)
         await self._store.incr_rate(self._cid, label, bucket, math.ceil(2 * window))
-
-    async def _dead_letter(self, body: bytes, source: str, reason: str) -> None:
-        await dead_letter(
-            self._broker, self._ns, self._cid, body, source_queue=source, reason=reason
-        )

@@ -2,13 +2,21 @@
 and a token, delivery id and HMAC signature headers, errors mapped.
 
 WebhookError(permanent, status)   the POST did not get a 2xx answer
+
+Answers are streamed and read up to a limit (`webhook_max_response_bytes`), never buffered
+whole: an answer past the limit is cut off and its connection closed. A 2xx answer past the
+limit still counts as delivered (the receiver accepted the body; its answer is not used), and
+is flagged in the result so the caller can record and log it; any other answer is a failure
+whatever its size.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -24,6 +32,12 @@ if TYPE_CHECKING:
 DELIVERY_HEADER: Final = "X-Junebug-Delivery"
 #: "sha256=<hex HMAC-SHA256 of the exact body bytes>", keyed with the signing secret (UTF-8).
 SIGNATURE_HEADER: Final = "X-Junebug-Signature"
+#: The default of settings.webhook_max_response_bytes, for callers without settings.
+MAX_RESPONSE_BYTES: Final = 65_536
+#: How much of a failed answer goes into the error reason.
+SNIPPET_BYTES: Final = 200
+
+log = logging.getLogger(__name__)
 
 
 class WebhookError(Exception):
@@ -52,15 +66,7 @@ class WebhookTarget:
         cls, url: str, token: str | None = None, signing_secret: str | None = None
     ) -> WebhookTarget:
         """Raises WebhookError(permanent=True) for a URL httpx cannot use."""
-        try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL as exc:
-            raise WebhookError(f"invalid URL: {exc}", permanent=True) from exc
-        basic = None
-        if parsed.username or parsed.password:
-            basic = (parsed.username, parsed.password)
-            parsed = parsed.copy_with(username=None, password=None)
-        return cls(str(parsed), basic, token or None, signing_secret or None)
+        return _parse_target(url, token or None, signing_secret or None)
 
     @property
     def secrets(self) -> list[str]:
@@ -71,6 +77,21 @@ class WebhookTarget:
         if self.signing_secret:
             found.append(self.signing_secret)
         return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_target(url: str, token: str | None, signing_secret: str | None) -> WebhookTarget:
+    # Cached: most deliveries go to the same few URLs, and parsing one costs ~0.2 ms, a fair
+    # part of a delivery's CPU time. Targets are immutable; failures are not cached.
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise WebhookError(f"invalid URL: {exc}", permanent=True) from exc
+    basic = None
+    if parsed.username or parsed.password:
+        basic = (parsed.username, parsed.password)
+        parsed = parsed.copy_with(username=None, password=None)
+    return WebhookTarget(str(parsed), basic, token, signing_secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,18 +159,34 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class PostResult:
+    """A 2xx answer; `oversized` when its body passed the limit (and was discarded)."""
+
+    status: int
+    oversized: bool = False
+
+
+def pool_limits(concurrency: int) -> httpx.Limits:
+    """Connection-pool limits for a channel process whose forwarders each keep up to
+    `concurrency` POSTs in flight per queue: no cap on connections (each delivery is bounded
+    by the lane), and enough kept alive that steady traffic reuses them."""
+    return httpx.Limits(max_connections=None, max_keepalive_connections=max(20, 4 * concurrency))
+
+
 async def post_json(
     http: httpx.AsyncClient,
     target: WebhookTarget,
     body: Mapping[str, Any],
     *,
     delivery: str | None = None,
-) -> int:
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
+) -> PostResult:
     """POST `body` as JSON with X-Junebug-Delivery `delivery` (when given) and, when the target
-    has a signing secret, X-Junebug-Signature; return the (2xx) status.
+    has a signing secret, X-Junebug-Signature; read at most `max_response_bytes` of the answer.
 
     Raises:
-        WebhookError: any other answer, or no answer (permanent for unusable URLs).
+        WebhookError: any other answer than a 2xx, or no answer (permanent for unusable URLs).
     """
     content = encode_body(body)
     headers = {"Content-Type": "application/json"}
@@ -162,16 +199,44 @@ async def post_json(
     # When both are set, Basic wins, as in the original (the auth flow replaces the header).
     auth = target.basic_auth or httpx.USE_CLIENT_DEFAULT
     try:
-        response = await http.post(target.url, content=content, headers=headers, auth=auth)
+        async with http.stream(
+            "POST", target.url, content=content, headers=headers, auth=auth
+        ) as response:
+            head, oversized = await _read(response, max_response_bytes)
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
         raise WebhookError(f"cannot post to {target.url}: {exc}", permanent=True) from exc
     except httpx.TransportError as exc:
         detail = str(exc) or "no detail"
         raise WebhookError(f"post to {target.url} failed: {type(exc).__name__}: {detail}") from exc
-    if not response.is_success:
-        snippet = response.text[:200]
-        raise WebhookError(
-            f"{target.url} answered HTTP {response.status_code}: {snippet!r}",
-            status=response.status_code,
-        )
-    return response.status_code
+    too_long = f" (answer over {max_response_bytes} bytes, not read)" if oversized else ""
+    if response.is_success:
+        if oversized:
+            log.warning("%s answered HTTP %d%s", target.url, response.status_code, too_long)
+        return PostResult(response.status_code, oversized)
+    text = head.decode(response.encoding or "utf-8", errors="replace")
+    raise WebhookError(
+        f"{target.url} answered HTTP {response.status_code}: {text!r}{too_long}",
+        status=response.status_code,
+    )
+
+
+async def _read(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The answer's first SNIPPET_BYTES bytes as sent (a compressed answer is not inflated),
+    and whether it is longer than `limit` bytes; nothing past the limit is read.
+
+    An answer read whole lets its connection go back to the pool; a longer one is not read
+    at all when its Content-Length says so (closing the response drops the connection), and
+    cut off at the limit otherwise.
+    """
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        return b"", True
+    head = bytearray()
+    seen = 0
+    async for chunk in response.aiter_raw():
+        seen += len(chunk)
+        if len(head) < SNIPPET_BYTES:
+            head += chunk[: SNIPPET_BYTES - len(head)]
+        if seen > limit:
+            return bytes(head), True
+    return bytes(head), False

@@ -92,7 +92,7 @@ class Settings(_Frozen):
     webhook_allowed_hosts: list[str] = Field(default_factory=list)
     #: Webhook POSTs in flight at once per queue; 1 delivers strictly in order.
     webhook_concurrency: int = 8
-    #: A webhook answer body larger than this is cut off (and the attempt counts as failed).
+    #: Webhook answers larger than this are not read; a 2xx still counts as delivered.
     webhook_max_response_bytes: int = 65_536
 
     @property

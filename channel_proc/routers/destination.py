@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from channel_proc.counters import Counters
     from channel_proc.events import StatusReporter
+    from channel_proc.lane import Turn
     from channel_proc.lifecycle import Shutdown
     from channel_proc.routers.loading import Destination
     from ipc.broker import Broker, Consumer, Delivery
@@ -101,7 +102,7 @@ class DestinationForwarder(Forwarder):
     def _relay_queue(self) -> str:
         return self._ns.outbound_queue(self._outbound_channel)
 
-    async def _relay_outbound(self, consumer: Consumer, delivery: Delivery) -> None:
+    async def _relay_outbound(self, consumer: Consumer, delivery: Delivery, turn: Turn) -> None:
         try:
             msg = decode_vumi_message(delivery.body)
         except ProtocolError:
@@ -114,4 +115,4 @@ class DestinationForwarder(Forwarder):
             ttl = self._settings.outbound_message_ttl
             for owner in (self._outbound_channel, self._cid):
                 await self._store.put_outbound(owner, msg.message_id, record, ttl)
-        await super()._relay_outbound(consumer, delivery)
+        await super()._relay_outbound(consumer, delivery, turn)

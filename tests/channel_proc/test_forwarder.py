@@ -15,6 +15,7 @@ from channel_proc.forwarder import Routes
 from channel_proc.transports.base import StatusLevel
 from ipc.broker import open_broker
 from ipc.codec import encode_payload
+from ipc.deadletters import DeadLetter, SourceQueue, list_dead_letters
 from ipc.names import amqp_event_key, amqp_inbound_key, amqp_outbound_queue
 from ipc.payloads import (
     DeliveryStatus,
@@ -52,6 +53,32 @@ def inbound_msg(content: str = "Hi there") -> VumiMessage:
         session_event=SessionEvent.RESUME,
         transport_type="telnet",
     )
+
+
+async def wait_dead_letters(store: StateStore, owner_id: str, count: int) -> list[DeadLetter]:
+    """Until `owner_id` has `count` dead letters; them, oldest first."""
+    found: list[DeadLetter] = []
+
+    async def enough() -> bool:
+        nonlocal found
+        found = await list_dead_letters(store, owner_id)
+        return len(found) >= count
+
+    with trio.fail_after(WAIT):
+        await wait_for(enough)
+    return found
+
+
+async def assert_queue_copies(
+    settings: Settings, broker: Broker, namespace: Namespace, channel_id: str, bodies: list[bytes]
+) -> None:
+    """On RabbitMQ each dead letter's body is also on `{cid}.dead` (in any order); embedded
+    keeps no such copy."""
+    dead = dead_letter_queue(namespace, channel_id)
+    if settings.amqp is None:
+        assert await broker.queue_length(dead) == 0
+    else:
+        assert sorted(await drain_queue(broker, dead, len(bodies))) == sorted(bodies)
 
 
 def vumi_events(record: OutboundRecord) -> list[dict[str, Any]]:
@@ -417,6 +444,8 @@ async def test_forwarder_dead_mo_url_does_not_block_events(
 @pytest.mark.slow
 async def test_forwarder_gives_up_after_max_age_and_dead_letters(
     deps: dict[str, object],
+    settings: Settings,
+    store: StateStore,
     broker: Broker,
     namespace: Namespace,
     channel_id: str,
@@ -426,27 +455,35 @@ async def test_forwarder_gives_up_after_max_age_and_dead_letters(
     body = encode_payload(msg)
     await broker.publish(namespace.inbound_queue(channel_id), body)
     webhook.go_down(status=500)
-    dead = dead_letter_queue(namespace, channel_id)
     routes = Routes(mo_url=webhook.url())
     async with running_forwarder(routes=routes, webhook_max_age=0.3, **deps):  # type: ignore[arg-type]
-        await wait_for_length(broker, dead, 1)
-    assert await broker.queue_length(namespace.inbound_queue(channel_id)) == 0
-    assert await drain_queue(broker, dead, 1) == [body]
+        (letter,) = await wait_dead_letters(store, channel_id, 1)
+        await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
+    assert letter.source is SourceQueue.INBOUND
+    assert letter.queue == namespace.inbound_queue(channel_id)
+    assert letter.owner_id == channel_id
+    assert "mo_url gave up" in letter.reason
+    assert letter.body == msg.model_dump(mode="json")
+    assert letter.body_bytes() == body
+    await assert_queue_copies(settings, broker, namespace, channel_id, [body])
 
 
 async def test_forwarder_undecodable_inbound_is_dead_lettered(
     deps: dict[str, object],
+    settings: Settings,
+    store: StateStore,
     broker: Broker,
     namespace: Namespace,
     channel_id: str,
     webhook: FakeWebhook,
 ) -> None:
-    await broker.publish(namespace.inbound_queue(channel_id), b"not json")
-    dead = dead_letter_queue(namespace, channel_id)
+    await broker.publish(namespace.inbound_queue(channel_id), b"not json\xff")
     async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
-        await wait_for_length(broker, dead, 1)
+        (letter,) = await wait_dead_letters(store, channel_id, 1)
     assert await broker.queue_length(namespace.inbound_queue(channel_id)) == 0
-    assert await drain_queue(broker, dead, 1) == [b"not json"]
+    assert letter.body is None
+    assert letter.body_bytes() == b"not json\xff"
+    await assert_queue_copies(settings, broker, namespace, channel_id, [b"not json\xff"])
     assert webhook.requests == []
 
 

@@ -18,7 +18,6 @@ import pytest
 import trio
 
 from channel_proc.counters import Counters
-from channel_proc.deadletter import dead_letter_queue
 from channel_proc.forwarder import Forwarder, Routes
 from channel_proc.lifecycle import Shutdown
 from channel_proc.process import load_channel, run_channel_process
@@ -28,13 +27,8 @@ from channel_proc.transports.errors import ConfigError
 from channel_proc.webhook import delivery_id
 from ipc.codec import encode_payload
 from ipc.payloads import EventType, SessionEvent, VumiEvent, VumiMessage, api_event
-from tests.channel_proc.support import (
-    WAIT,
-    StatusInbox,
-    drain_queue,
-    wait_for,
-    wait_for_length,
-)
+from tests.channel_proc.support import WAIT, StatusInbox, wait_for, wait_for_length
+from tests.channel_proc.test_forwarder import assert_queue_copies, wait_dead_letters
 from tests.fakes.webhook import DROP
 
 if TYPE_CHECKING:
@@ -70,8 +64,10 @@ async def forwarding(
     channel_id: str,
     routes: Routes,
     counters: Counters,
+    **overrides: Any,
 ) -> AsyncIterator[None]:
-    """A Forwarder with fast retries and the given counters, stopped gracefully after."""
+    """A Forwarder with fast retries and the given counters (and settings `overrides`),
+    stopped gracefully after."""
     shutdown = Shutdown(grace=2.0)
     async with httpx.AsyncClient(timeout=2.0) as http, trio.open_nursery() as nursery:
         forwarder = Forwarder(
@@ -81,7 +77,7 @@ async def forwarding(
             namespace=namespace,
             channel_id=channel_id,
             routes=routes,
-            settings=settings,
+            settings=settings.model_copy(update=overrides),
             reporter=StatusInbox().reporter,
             shutdown=shutdown,
             retry_initial=0.01,
@@ -181,7 +177,8 @@ async def test_event_url_template_signature_delivery_id_and_timeline_per_attempt
     for event in (ack, dr):
         await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
     counters = Counters()
-    async with run(Routes(signing_secret=SECRET), counters):
+    # One at a time: the events and attempts are then stored strictly in queue order.
+    async with run(Routes(signing_secret=SECRET), counters, webhook_concurrency=1):
         with trio.fail_after(WAIT):
             await webhook.wait_for_requests(2, delivered_only=True)
     first, retried, second = webhook.requests
@@ -224,6 +221,7 @@ async def test_event_url_template_signature_delivery_id_and_timeline_per_attempt
 
 async def test_invalid_mo_url_template_dead_letters_and_keeps_running(
     run: Any,
+    settings: Settings,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -237,10 +235,11 @@ async def test_invalid_mo_url_template_dead_letters_and_keeps_running(
     caplog.set_level(logging.INFO)
     counters = Counters()
     async with run(Routes(mo_url=webhook.url("/mo/{msisdn}")), counters):
-        dead = dead_letter_queue(namespace, channel_id)
-        await wait_for_length(broker, dead, 2)
+        letters = await wait_dead_letters(store, channel_id, 2)
         await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
-    assert await drain_queue(broker, dead, 2) == [encode_payload(m) for m in messages]
+    bodies = [encode_payload(m) for m in messages]
+    assert sorted(letter.body_bytes() for letter in letters) == sorted(bodies)
+    await assert_queue_copies(settings, broker, namespace, channel_id, bodies)
     assert webhook.requests == []
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("unknown placeholder {msisdn}" in e and "dead-lettered" in e for e in errors)
@@ -252,6 +251,7 @@ async def test_invalid_mo_url_template_dead_letters_and_keeps_running(
 
 async def test_invalid_event_url_template_dead_letters_only_that_event(
     run: Any,
+    settings: Settings,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -274,13 +274,13 @@ async def test_invalid_event_url_template_dead_letters_only_that_event(
     async with run(Routes(), Counters()):
         with trio.fail_after(WAIT):
             (delivered,) = await webhook.wait_for_requests(1)
-        dead = dead_letter_queue(namespace, channel_id)
-        await wait_for_length(broker, dead, 3)
+        letters = await wait_dead_letters(store, channel_id, 3)
     assert delivered.path == f"/ok/{events['good'].user_message_id}"
     assert SIGNATURE not in delivered.headers
     assert delivered.headers[DELIVERY] == delivery_id("event_url", events["good"].event_id)
     bad = [encode_payload(events[name]) for name in ("bad-name", "bad-syntax", "bad-render")]
-    assert await drain_queue(broker, dead, 3) == bad
+    assert sorted(letter.body_bytes() for letter in letters) == sorted(bad)
+    await assert_queue_copies(settings, broker, namespace, channel_id, bad)
     errors = " | ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     assert "unknown placeholder {nope}" in errors
     assert "bad template syntax" in errors

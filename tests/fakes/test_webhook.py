@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import httpx
 import pytest
 import trio
@@ -86,3 +88,47 @@ async def test_webhook_fail_path_fails_only_that_path() -> None:
         assert (await http.post(hook.url("/ev"), json={})).status_code == 200
         hook.come_up()
         assert (await http.post(hook.url("/mo"), json={})).status_code == 200
+
+
+async def test_webhook_hold_records_then_answers_on_release() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        hook.hold()
+        statuses: list[int] = []
+
+        async def post(n: int) -> None:
+            statuses.append((await http.post(hook.url(f"/{n}"), json={})).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(3):
+                nursery.start_soon(post, n)
+            with trio.fail_after(5):
+                await hook.wait_for_requests(3)
+            await trio.testing.wait_all_tasks_blocked()
+            assert statuses == []
+            assert hook.in_flight == 3
+            hook.release()
+    assert statuses == [200, 200, 200]
+    assert (hook.in_flight, hook.max_in_flight) == (0, 3)
+
+
+@pytest.mark.slow
+async def test_webhook_delay_path_answers_late_or_never() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient(timeout=0.5) as http:
+        hook.delay_path("/slow", 0.3)
+        hook.delay_path("/never", math.inf)
+        began = trio.current_time()
+        assert (await http.post(hook.url("/slow"), json={})).status_code == 200
+        assert trio.current_time() - began >= 0.3
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(hook.url("/never"), json={})
+        assert (await http.post(hook.url("/other"), json={})).status_code == 200
+    assert [r.path for r in hook.requests] == ["/slow", "/never", "/other"]
+    assert hook.requests[2].at >= hook.requests[1].at + 0.5
+
+
+async def test_webhook_answer_size_sends_a_large_body() -> None:
+    async with open_fake_webhook() as hook, httpx.AsyncClient() as http:
+        hook.answer_size = 1_000_001
+        response = await http.post(hook.url(), json={})
+    assert response.status_code == 200
+    assert len(response.content) == 1_000_001

@@ -1,12 +1,15 @@
 """A fake webhook receiver (mo_url / event_url / status_url) on a real 127.0.0.1 socket.
 
 An h11 server: it records every request and answers 200, or what the test scripted
-(`fail_next`, `go_down`), including dropping the connection without an answer.
+(`fail_next`, `go_down`), including dropping the connection without an answer; it can also
+answer late or never (`delay_path`), hold every answer until released (`hold`), and answer
+with a large body (`answer_size`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
 #: Scripted answer: close the connection without answering (a connection error for the client).
 DROP: Final = 0
 MAX_BODY: Final = 1024 * 1024
+#: A large answer is sent in chunks of this size (never built whole).
+ANSWER_CHUNK: Final = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,8 @@ class RecordedRequest:
     body: bytes
     #: What the fake answered (DROP: nothing).
     status: int
+    #: When it arrived (trio clock).
+    at: float = 0.0
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -49,6 +56,14 @@ class FakeWebhook:
         self.default_status = 200
         self._script: deque[int] = deque()
         self._failing_paths: dict[str, int] = {}
+        self._delays: dict[str, float] = {}
+        self._gate = trio.Event()
+        self._gate.set()
+        #: Size of each answer's body; None: a small JSON body.
+        self.answer_size: int | None = None
+        #: Requests received and not answered yet, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._changed = trio.Event()
         self._port: int | None = None
 
@@ -75,6 +90,19 @@ class FakeWebhook:
     def come_up(self) -> None:
         self.default_status = 200
         self._failing_paths.clear()
+
+    def delay_path(self, path: str, seconds: float) -> None:
+        """Answer requests on `path` only after `seconds` (math.inf: never; the request stays
+        unanswered until the client gives up)."""
+        self._delays[path] = seconds
+
+    def hold(self) -> None:
+        """Record requests but answer none until `release`."""
+        if self._gate.is_set():
+            self._gate = trio.Event()
+
+    def release(self) -> None:
+        self._gate.set()
 
     @property
     def delivered(self) -> list[RecordedRequest]:
@@ -140,19 +168,45 @@ class FakeWebhook:
         else:
             status = self._script.popleft() if self._script else self.default_status
         self._record(request, bytes(body), status)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self._gate.wait()
+            delay = self._delays.get(path, 0.0)
+            if delay == math.inf:
+                await trio.sleep_forever()
+            await trio.sleep(delay)
+        finally:
+            self.in_flight -= 1
         if status == DROP:
             return False
-        payload = b'{"ok": true}' if 200 <= status < 300 else b'{"error": "scripted"}'
-        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-        await stream.send_all(conn.send(h11.Data(data=payload)))
-        await stream.send_all(conn.send(h11.EndOfMessage()))
+        await self._answer(conn, stream, status)
         return conn.our_state is not h11.MUST_CLOSE
+
+    async def _answer(self, conn: h11.Connection, stream: trio.SocketStream, status: int) -> None:
+        payload = b'{"ok": true}' if 200 <= status < 300 else b'{"error": "scripted"}'
+        size = len(payload) if self.answer_size is None else self.answer_size
+        headers = [("content-type", "application/json"), ("content-length", str(size))]
+        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+        if self.answer_size is None:
+            await stream.send_all(conn.send(h11.Data(data=payload)))
+        else:
+            chunk = b"x" * ANSWER_CHUNK
+            for start in range(0, size, ANSWER_CHUNK):
+                await stream.send_all(conn.send(h11.Data(data=chunk[: size - start])))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
 
     def _record(self, request: h11.Request, body: bytes, status: int) -> None:
         headers = {name.decode().lower(): value.decode() for name, value in request.headers}
         self.requests.append(
-            RecordedRequest(request.method.decode(), request.target.decode(), headers, body, status)
+            RecordedRequest(
+                request.method.decode(),
+                request.target.decode(),
+                headers,
+                body,
+                status,
+                trio.current_time(),
+            )
         )
         self._changed.set()
         self._changed = trio.Event()
