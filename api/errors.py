@@ -9,6 +9,7 @@
     ├── MessageNotFoundError         400 message not found
     ├── MessageTooLongError          400 message too long
     ├── ChannelNotFoundError         404 channel not found
+    ├── ChannelLimitError            409 too many channels (max_channels)
     ├── ManagementApiError           503 the RabbitMQ management interface failed
     └── SupervisorUnavailableError   503 the supervisor did not answer
 
@@ -140,6 +141,12 @@ class ChannelNotFoundError(ApiError):
     status = 404
     description = "channel not found"
     error_type = "ChannelNotFound"
+
+
+class ChannelLimitError(ApiError):
+    status = 409
+    description = "too many channels"
+    error_type = "ChannelLimitReached"
 
 
 class ManagementApiError(ApiError):

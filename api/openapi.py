@@ -44,10 +44,17 @@ _ERRORS: dict[int, str] = {
     401: "The API has bearer tokens and the request has no valid Authorization: Bearer header",
     404: "Channel, router or destination not found",
     408: "The request body did not arrive in time",
+    409: (
+        "Conflict: the gateway has max_channels channels already (channel create), or a send"
+        " with the same Idempotency-Key is still in progress after 30 s (send)"
+    ),
     413: "The request body is larger than the limit",
     429: "The channel's outbound queue holds its queue_limit: retry after Retry-After seconds",
     500: "Unexpected failure (generic error); it is logged",
-    503: "The state store, queue broker or supervisor is unavailable",
+    503: (
+        "The state store, queue broker or supervisor is unavailable (or, for router changes,"
+        " another API worker's router change has held its lease for 30 s)"
+    ),
 }
 
 _BODY_ERRORS = (400, 408, 413)
@@ -100,7 +107,7 @@ _N_QUERY: JsonObject = {
     "description": "How many entries (clamped to 0..max_logs; default max_logs)",
     "schema": {"type": "integer"},
 }
-_SEND_ERRORS = (*_BODY_ERRORS, 404, 429, 500, 503)
+_SEND_ERRORS = (*_BODY_ERRORS, 404, 409, 429, 500, 503)
 _IDEMPOTENCY_HEADER: JsonObject = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -134,7 +141,7 @@ OPERATIONS: dict[str, Operation] = {
         "channel created",
         ref("Channel"),
         body="ChannelCreate",
-        errors=(*_BODY_ERRORS, 500, 503),
+        errors=(*_BODY_ERRORS, 409, 500, 503),
     ),
     "channels.get_channel": Operation(
         "A channel with its status and rates",
@@ -362,6 +369,47 @@ OPERATIONS: dict[str, Operation] = {
         ref("MessageStatus"),
         errors=_CHANNEL_ERRORS,
     ),
+    **{
+        f"dead_letters.{verb}_{owner}_dead_letter{plural}": Operation(
+            f"{summary} ({where})", 200, description, result, errors=errors
+        )
+        for owner, where in (
+            ("channel", "a channel"),
+            ("destination", "a router destination"),
+        )
+        for verb, plural, summary, description, result, errors in (
+            (
+                "list",
+                "s",
+                "Dead letters: what could not be delivered or sent, oldest first",
+                "dead letters retrieved",
+                {"type": "array", "items": ref("DeadLetter")},
+                _CHANNEL_ERRORS,
+            ),
+            (
+                "replay",
+                "s",
+                "Put dead letters back on their source queue to be handled again: all (no "
+                'body, or {}), or those named by {"ids": [...]} (400 names unknown ids, and '
+                "then none is replayed)",
+                "dead letters replayed",
+                {
+                    "type": "object",
+                    "required": ["replayed"],
+                    "properties": {"replayed": _IDS},
+                },
+                _CHANGE_ERRORS,
+            ),
+            (
+                "delete",
+                "",
+                "Forget one dead letter (404 when unknown)",
+                "dead letter deleted",
+                _EMPTY,
+                _CHANNEL_ERRORS,
+            ),
+        )
+    },
     "health.health": Operation(
         "Whether the store and broker answer; with rabbitmq_management_interface set, "
         "a report per queue",

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from quart import Blueprint
+import trio
+from quart import Blueprint, current_app
 
 from api import lifecycle
 from api.channel_object import channel_object, has_destination, stored_properties
 from api.deps import api_context, queue_broker, state_store
 from api.errors import (
     ApiUsageError,
+    ChannelLimitError,
     ChannelNotFoundError,
     InvalidChannelConfigError,
     SupervisorUnavailableError,
@@ -65,6 +67,32 @@ async def _check(context: ApiContext, properties: JsonObject) -> None:
         )
 
 
+_CREATE_LOCK_KEY = "junebug.channel_create_lock"
+
+
+def _create_lock() -> trio.Lock:
+    """Creates in one worker count and save one at a time, so two cannot both take the last
+    place. Workers do not share it: with --api-workers N the limit may be passed by N - 1."""
+    lock: trio.Lock = current_app.extensions.setdefault(_CREATE_LOCK_KEY, trio.Lock())
+    return lock
+
+
+async def _save_new_channel(context: ApiContext, properties: JsonObject) -> str:
+    """Save a new channel unless max_channels exist already (409)."""
+    store = state_store()
+    limit = context.settings.max_channels
+    async with _create_lock():
+        count = len(await store.list_channels())
+        if count >= limit:
+            raise ChannelLimitError(
+                f"this gateway has {count} channels and allows at most {limit} (max_channels): "
+                "delete one, or raise --max-channels"
+            )
+        channel_id = new_channel_id()
+        await store.save_channel(channel_id, properties)
+    return channel_id
+
+
 @blueprint.get("/channels/")
 async def list_channels() -> Response:
     return envelope(200, "channels listed", await state_store().list_channels())
@@ -78,8 +106,7 @@ async def create_channel() -> Response:
     check_channel_templates(properties)
     await _check(context, properties)
     store = state_store()
-    channel_id = new_channel_id()
-    await store.save_channel(channel_id, properties)
+    channel_id = await _save_new_channel(context, properties)
     try:
         await lifecycle.start_channel(context.supervisor, channel_id)
     except InvalidChannelConfigError:

@@ -14,7 +14,7 @@ from trio.testing import wait_all_tasks_blocked
 from api.app import MAX_BODY_SIZE
 from api.main import MAX_REQUEST_HEAD
 from api.schemas import MAX_NESTING
-from tests.api.harness import serve_api
+from tests.api.harness import open_api, serve_api
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -308,3 +308,109 @@ async def _read_response(stream: trio.SocketStream) -> tuple[int, bytes] | None:
             return None
         received += chunk
     return response
+
+
+# --- number of channels (max_channels) ----------------------------------------------------
+
+CHANNEL_LIMIT = 3
+
+
+@pytest.fixture
+async def limited(settings: Settings, socket_dir: Path) -> AsyncIterator[Api]:
+    """The app on each backend, allowing CHANNEL_LIMIT channels and 2 log entries per call."""
+    limits = {"max_channels": CHANNEL_LIMIT, "max_logs": 2}
+    async with open_api(settings.model_copy(update=limits), socket_dir) as harness:
+        yield harness
+
+
+async def test_channel_past_the_limit_is_409_and_saves_nothing(limited: Api) -> None:
+    created = [await limited.create_channel() for _ in range(CHANNEL_LIMIT)]
+    body = {"type": "fake", "config": {"host": "h"}}
+    response = await limited.client.post("/channels/", json=body)
+    payload = await response.get_json()
+    assert response.status_code == 409
+    assert payload == {
+        "status": 409,
+        "code": "Conflict",
+        "description": "too many channels",
+        "result": {
+            "errors": [
+                {
+                    "type": "ChannelLimitReached",
+                    "message": f"this gateway has {CHANNEL_LIMIT} channels and allows at most "
+                    f"{CHANNEL_LIMIT} (max_channels): delete one, or raise --max-channels",
+                }
+            ]
+        },
+    }
+    assert sorted(await limited.store.list_channels()) == sorted(created)
+    assert len(limited.supervisor.lifecycle()) == CHANNEL_LIMIT
+    # A place freed is a place taken.
+    assert (await limited.client.delete(f"/channels/{created[0]}")).status_code == 200
+    await limited.create_channel()
+    assert len(await limited.store.list_channels()) == CHANNEL_LIMIT
+
+
+async def test_concurrent_creates_never_pass_the_limit(limited: Api) -> None:
+    statuses: list[int] = []
+
+    async def create() -> None:
+        response = await limited.client.post(
+            "/channels/", json={"type": "fake", "config": {"host": "h"}}
+        )
+        statuses.append(response.status_code)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(CHANNEL_LIMIT + 7):
+            nursery.start_soon(create)
+    assert sorted(statuses) == [201] * CHANNEL_LIMIT + [409] * 7
+    assert len(await limited.store.list_channels()) == CHANNEL_LIMIT
+
+
+async def test_modifying_a_channel_at_the_limit_is_allowed(limited: Api) -> None:
+    created = [await limited.create_channel() for _ in range(CHANNEL_LIMIT)]
+    response = await limited.client.post(f"/channels/{created[0]}", json={"label": "still me"})
+    assert response.status_code == 200
+
+
+# --- log request size (max_logs) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "count"),
+    [
+        ("", 200, 2),
+        ("?n=1", 200, 1),
+        ("?n=2", 200, 2),
+        ("?n=3", 200, 2),
+        ("?n=1000000", 200, 2),
+        ("?n=" + "9" * 30, 200, 2),
+        ("?n=0", 200, 0),
+        ("?n=-1", 200, 0),
+        ("?n=-" + "9" * 30, 200, 0),
+        ("?n=abc", 400, None),
+        ("?n=", 400, None),
+        ("?n=1e3", 400, None),
+        ("?n=0x10", 400, None),
+        ("?n=abc&n=1", 400, None),
+    ],
+)
+async def test_logs_are_capped_at_max_logs(
+    limited: Api, query: str, status: int, count: int | None
+) -> None:
+    channel_id = await limited.create_channel()
+    logs = trio.Path(limited.settings.logging_path)
+    await logs.mkdir(parents=True, exist_ok=True)
+    lines = "".join(
+        json.dumps({"logger": channel_id, "level": 20, "timestamp": i, "message": str(i)}) + "\n"
+        for i in range(5)
+    )
+    await (logs / channel_id).write_text(lines)
+    response = await limited.client.get(f"/channels/{channel_id}/logs{query}")
+    payload = await response.get_json()
+    assert response.status_code == status, payload
+    if count is None:
+        assert payload["result"]["errors"][0]["type"] == "ApiUsageError"
+        assert payload["result"]["errors"][0]["message"].startswith("n must be an integer")
+    else:
+        assert [entry["message"] for entry in payload["result"]] == ["4", "3"][:count]

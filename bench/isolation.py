@@ -1,0 +1,471 @@
+"""Isolation (fault scenario 7): one channel flooded while another sends at a steady rate.
+
+    python -m bench.isolation --backend embedded|redis --flood 50000 --steady-rate 50 \\
+        --seconds 30 [--flood-via api|queue] [--out results.json]
+
+The real gateway (tests/e2e/gateway.py) runs two smpp channels, A and B, each bound to its
+own SMSC simulator (bench/smsc_sim.py). Phase A: B alone is sent `--steady-rate` messages
+per second, open loop (each POST on its schedule, whatever the previous one is doing), for
+`--seconds`. Then A is paused and `--flood` messages are queued on it (concurrent POSTs, or
+`--flood-via queue`: published straight to its outbound queue, as the API would). Phase B:
+A is resumed, so it drains its backlog flat out (the harsher choice: A's process, the
+broker and the store are busy the whole window; `--a-mode held` keeps A paused with its
+deep queue instead), while B repeats phase A's load. Measured for B in each phase:
+submit_sm seen by B's SMSC per second within the window, latency from the POST to
+submit_sm (p50, p99; it includes the API's accept), and CPU seconds of B's channel process
+per message; for A: its drain rate, how much backlog was left at the end of the window,
+and every flooded message seen at its SMSC (lost and duplicated counted) after the drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import httpx
+import trio
+
+from bench.broker import git_commit, machine
+from bench.cli import add_service_args, check_ranges, run_main
+from bench.recovery import settings_for
+from bench.smpp_load import Request, cpu_seconds, process_tree, send_all, service_pids
+from bench.smsc_sim import SUBMIT_SM, SmscSimulator, parse_submit
+from ipc.broker import MAX_PRIORITY, open_broker
+from ipc.codec import encode_payload
+from ipc.names import Namespace
+from ipc.payloads import VumiMessage
+from tests.e2e.gateway import channel_pids, remember_channel, running_gateway, wait_for
+from tests.fakes.webhook import open_fake_webhook
+
+if TYPE_CHECKING:
+    from ipc.settings import Settings
+    from tests.e2e.gateway import Gateway
+
+READY_TIMEOUT: Final = 60.0
+#: How far B's phase-B figures may be from phase A's (the scenario's bound).
+TOLERANCE: Final = 0.10
+WARMUP: Final = 50
+
+
+class TimedSimulator(SmscSimulator):
+    """The simulator, noting when each short_message was first submitted (perf_counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.submitted_at: dict[bytes, float] = {}
+
+    def _handle(self, conn: Any, command: int, status: int, seq: int, body: bytes) -> bool:
+        if command == SUBMIT_SM:
+            _, text, _ = parse_submit(body)
+            self.submitted_at.setdefault(text, time.perf_counter())
+        return super()._handle(conn, command, status, seq, body)
+
+
+@dataclass
+class SteadyFigures:
+    """B's figures in one phase."""
+
+    sent: int = 0
+    refused: int = 0
+    #: submit_sm of B's messages seen by its SMSC within the window, per second.
+    throughput: float = 0.0
+    #: The slowest second of the window (submit_sm seen in it).
+    throughput_min_1s: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    accept_p50_ms: float = 0.0
+    accept_p99_ms: float = 0.0
+    never_submitted: int = 0
+    cpu_ms_per_msg_b: float = 0.0
+    cpu_s_gateway: float = 0.0
+    cpu_s_services: float = 0.0
+
+
+@dataclass
+class FloodFigures:
+    messages: int = 0
+    via: str = "api"
+    queue_rate: float = 0.0
+    drain_rate: float = 0.0
+    sent_in_window: int = 0
+    backlog_at_window_end: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    cpu_ms_per_msg_a: float = 0.0
+    drained: bool = False
+
+
+def percentile_ms(values: list[float], pct: int) -> float:
+    if len(values) < 2:
+        return values[0] * 1000 if values else 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1] * 1000
+
+
+@dataclass
+class SteadySender:
+    """B's open-loop sender: POST i starts at start + i / rate."""
+
+    client: httpx.AsyncClient
+    target: str
+    prefix: str
+    sent_at: dict[bytes, float] = field(default_factory=dict)
+    accepted_after: dict[bytes, float] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
+    _n: int = 0
+
+    async def _send(self, text: bytes) -> None:
+        began = time.perf_counter()
+        self.sent_at[text] = began
+        body = {"to": "27820000001", "from": "12345", "content": text.decode()}
+        try:
+            response = await self.client.post(self.target, json=body)
+        except httpx.TransportError as exc:
+            self.refused.append(repr(exc))
+            return
+        if response.status_code == 201:
+            self.accepted_after[text] = time.perf_counter() - began
+        else:
+            self.refused.append(f"{response.status_code} {response.text[:200]}")
+
+    async def run(self, rate: float, seconds: float) -> tuple[float, float, list[bytes]]:
+        """Send for `seconds`; (window start, window end, the texts sent)."""
+        texts: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            start = time.perf_counter()
+            count = round(rate * seconds)
+            for i in range(count):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await trio.sleep(delay)
+                text = f"{self.prefix} {self._n}".encode()
+                self._n += 1
+                texts.append(text)
+                nursery.start_soon(self._send, text)
+            end = start + seconds
+        return start, end, texts
+
+
+async def create_smpp_channel(
+    gateway: Gateway, sim: SmscSimulator, window: int, mo_url: str
+) -> str:
+    response = await gateway.request(
+        "POST",
+        "/channels/",
+        {
+            "type": "smpp",
+            # A channel needs somewhere for MO messages to go before it may send (none come).
+            "mo_url": mo_url,
+            "config": {
+                "twisted_endpoint": f"tcp:127.0.0.1:{sim.port}",
+                "system_id": "bench",
+                "password": "pw",
+                "window": window,
+            },
+        },
+    )
+    if response.status_code != 201:
+        raise RuntimeError(f"channel not created: {response.text}")
+    channel_id: str = response.json()["result"]["id"]
+    remember_channel(gateway.settings, channel_id)
+
+    async def bound() -> bool:
+        body = (await gateway.request("GET", f"/channels/{channel_id}")).json()
+        component = body["result"]["status"]["components"].get("smpp")
+        return bool(component) and component["type"] == "bound"
+
+    with trio.fail_after(READY_TIMEOUT):
+        await wait_for(bound)
+    return channel_id
+
+
+@dataclass
+class Rig:
+    args: argparse.Namespace
+    gateway: Gateway
+    settings: Settings
+    sim_a: SmscSimulator
+    sim_b: TimedSimulator
+    channel_a: str
+    channel_b: str
+    sender_b: SteadySender
+    services: list[int]
+
+    def cpu(self) -> tuple[float, float, float, float]:
+        """CPU seconds: B's process, A's process, the whole gateway, Redis/RabbitMQ."""
+        assert self.gateway.process is not None
+        tree = process_tree([self.gateway.process.pid])
+        return (
+            cpu_seconds(channel_pids(self.channel_b)),
+            cpu_seconds(channel_pids(self.channel_a)),
+            cpu_seconds(tree),
+            cpu_seconds(self.services),
+        )
+
+    async def steady_phase(self) -> SteadyFigures:
+        args, sim = self.args, self.sim_b
+        b0, _, gw0, svc0 = self.cpu()
+        start, end, texts = await self.sender_b.run(args.steady_rate, args.seconds)
+
+        def all_in() -> bool:
+            return all(t in sim.submitted_at for t in texts if t in self.sender_b.accepted_after)
+
+        with trio.move_on_after(args.timeout):
+            await sim.wait_until(all_in)
+        b1, _, gw1, svc1 = self.cpu()
+        accepted = [t for t in texts if t in self.sender_b.accepted_after]
+        seen = [sim.submitted_at[t] for t in accepted if t in sim.submitted_at]
+        in_window = [at for at in seen if start <= at < end]
+        per_second = [0] * max(1, int(args.seconds))
+        for at in in_window:
+            per_second[min(int(at - start), len(per_second) - 1)] += 1
+        latencies = [
+            sim.submitted_at[t] - self.sender_b.sent_at[t]
+            for t in accepted
+            if t in sim.submitted_at
+        ]
+        accepts = [self.sender_b.accepted_after[t] for t in accepted]
+        return SteadyFigures(
+            sent=len(texts),
+            refused=len(texts) - len(accepted),
+            throughput=len(in_window) / (end - start),
+            throughput_min_1s=float(min(per_second)),
+            latency_p50_ms=percentile_ms(latencies, 50),
+            latency_p99_ms=percentile_ms(latencies, 99),
+            accept_p50_ms=percentile_ms(accepts, 50),
+            accept_p99_ms=percentile_ms(accepts, 99),
+            never_submitted=len(accepted) - len(seen),
+            cpu_ms_per_msg_b=(b1 - b0) * 1000 / max(1, len(texts)),
+            cpu_s_gateway=gw1 - gw0,
+            cpu_s_services=svc1 - svc0,
+        )
+
+    async def control(self, action: str) -> None:
+        response = await self.gateway.request("POST", f"/channels/{self.channel_a}/{action}")
+        if response.status_code != 200:
+            raise RuntimeError(f"{action} refused: {response.text}")
+
+    async def queue_flood(self, flood: FloodFigures) -> None:
+        """A paused; `--flood` messages queued on it."""
+        args = self.args
+        texts = [f"a {n}" for n in range(args.flood)]
+        began = time.perf_counter()
+        if args.flood_via == "api":
+            target = f"/channels/{self.channel_a}/messages/"
+            requests = [
+                Request(
+                    "POST",
+                    target,
+                    json.dumps({"to": "27820000002", "from": "12345", "content": t}).encode(),
+                    201,
+                )
+                for t in texts
+            ]
+            await send_all(self.gateway.port, requests, args.flood_concurrency, [])
+        else:
+            await self._publish(texts)
+        flood.queue_rate = args.flood / (time.perf_counter() - began)
+
+    async def _publish(self, texts: list[str]) -> None:
+        queue = Namespace(self.settings.namespace).outbound_queue(self.channel_a)
+        async with open_broker(self.settings) as broker:
+            await broker.declare_queue(queue, max_priority=MAX_PRIORITY)
+            todo = iter(texts)
+
+            async def publisher() -> None:
+                for text in todo:
+                    body = VumiMessage(to_addr="27820000002", from_addr="12345", content=text)
+                    await broker.publish(queue, encode_payload(body), priority=1)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.args.flood_concurrency):
+                    nursery.start_soon(publisher)
+
+    async def flood_phase(self) -> tuple[SteadyFigures, FloodFigures]:
+        args, sim_a = self.args, self.sim_a
+        flood = FloodFigures(messages=args.flood, via=args.flood_via)
+        await self.control("pause")
+        await self.queue_flood(flood)
+        before = sim_a.stats.submits
+        _, a0, _, _ = self.cpu()
+        if args.a_mode == "drain":
+            await self.control("resume")
+            with trio.fail_after(READY_TIMEOUT):
+                await sim_a.wait_until(lambda: sim_a.stats.submits > before)
+        resumed = time.perf_counter()
+        steady = await self.steady_phase()
+        in_window = sim_a.stats.submits - before
+        flood.sent_in_window = in_window
+        flood.backlog_at_window_end = max(0, args.flood - in_window)
+        if args.a_mode == "held":
+            # Only now is the backlog let go, to count what reaches A's SMSC.
+            await self.control("resume")
+            resumed = time.perf_counter()
+        with trio.move_on_after(args.timeout):
+            await sim_a.wait_until(lambda: sim_a.stats.submits - before >= args.flood)
+        _, a1, _, _ = self.cpu()
+        done = sim_a.stats.submits - before
+        flood.drained = done >= args.flood
+        flood.drain_rate = done / (sim_a.stats.last_submit - resumed) if done else 0.0
+        flood.cpu_ms_per_msg_a = (a1 - a0) * 1000 / max(1, done)
+        contents = sim_a.stats.contents
+        flood.lost = sum(1 for n in range(args.flood) if f"a {n}".encode() not in contents)
+        flood.duplicates = sum(c - 1 for c in contents.values() if c > 1)
+        return steady, flood
+
+
+def within(alone: float, loaded: float, *, higher_is_better: bool) -> bool:
+    if higher_is_better:
+        return loaded >= alone * (1 - TOLERANCE)
+    return loaded <= alone * (1 + TOLERANCE)
+
+
+def verdicts(alone: SteadyFigures, loaded: SteadyFigures) -> dict[str, bool]:
+    return {
+        "throughput": within(alone.throughput, loaded.throughput, higher_is_better=True),
+        "latency_p50": within(alone.latency_p50_ms, loaded.latency_p50_ms, higher_is_better=False),
+        "latency_p99": within(alone.latency_p99_ms, loaded.latency_p99_ms, higher_is_better=False),
+    }
+
+
+ROWS: Final = (
+    ("B submit_sm/s in the window", "throughput", "{:.1f}"),
+    ("B slowest second (submit_sm)", "throughput_min_1s", "{:.0f}"),
+    ("B POST -> submit_sm p50 (ms)", "latency_p50_ms", "{:.1f}"),
+    ("B POST -> submit_sm p99 (ms)", "latency_p99_ms", "{:.1f}"),
+    ("B POST -> 201 p50 (ms)", "accept_p50_ms", "{:.1f}"),
+    ("B POST -> 201 p99 (ms)", "accept_p99_ms", "{:.1f}"),
+    ("B process CPU per message (ms)", "cpu_ms_per_msg_b", "{:.2f}"),
+    ("gateway CPU in the window (s)", "cpu_s_gateway", "{:.1f}"),
+    ("Redis/RabbitMQ CPU in the window (s)", "cpu_s_services", "{:.1f}"),
+    ("B refused / never submitted", None, ""),
+)
+
+
+def table(alone: SteadyFigures, loaded: SteadyFigures, flood: FloodFigures) -> str:
+    lines = [f"{'':38}{'B alone':>10}{'A flooded':>11}{'ratio':>8}"]
+    for label, key, fmt in ROWS:
+        if key is None:
+            cells = [f"{f.refused}/{f.never_submitted}" for f in (alone, loaded)]
+            lines.append(f"{label:38}{cells[0]:>10}{cells[1]:>11}")
+            continue
+        a, b = getattr(alone, key), getattr(loaded, key)
+        ratio = f"{b / a:>8.2f}" if a else ""
+        lines.append(f"{label:38}{fmt.format(a):>10}{fmt.format(b):>11}{ratio}")
+    lines.append(
+        f"A: {flood.messages} queued via {flood.via} at {flood.queue_rate:.0f}/s; drained at "
+        f"{flood.drain_rate:.0f}/s ({flood.cpu_ms_per_msg_a:.2f} ms CPU each); "
+        f"{flood.sent_in_window} sent in the window, {flood.backlog_at_window_end} still queued "
+        f"at its end; lost {flood.lost}, duplicated {flood.duplicates}"
+    )
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    sim_a, sim_b = SmscSimulator(), TimedSimulator()
+    with tempfile.TemporaryDirectory(prefix="jb-isolation-") as tmp:
+        settings = settings_for(args.backend, Path(tmp), args)
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=64)
+        async with (
+            trio.open_nursery() as nursery,
+            httpx.AsyncClient(limits=limits, timeout=args.timeout) as client,
+        ):
+            await nursery.start(sim_a.serve)
+            await nursery.start(sim_b.serve)
+            async with open_fake_webhook() as hook, running_gateway(settings) as gateway:
+                channel_a = await create_smpp_channel(gateway, sim_a, args.window, hook.url("/mo"))
+                channel_b = await create_smpp_channel(gateway, sim_b, args.window, hook.url("/mo"))
+                target = f"{gateway.base_url}/channels/{channel_b}/messages/"
+                names = ("redis-server", "beam.smp") if args.backend == "redis" else ()
+                rig = Rig(
+                    args,
+                    gateway,
+                    settings,
+                    sim_a,
+                    sim_b,
+                    channel_a,
+                    channel_b,
+                    SteadySender(client, target, "b"),
+                    service_pids(names),
+                )
+                print(
+                    f"isolation[{args.backend}]: B at {args.steady_rate:g}/s for "
+                    f"{args.seconds:g} s, alone, then with {args.flood} queued on A "
+                    f"({'draining' if args.a_mode == 'drain' else 'held, paused'})"
+                )
+                await SteadySender(client, target, "warm").run(WARMUP, 1.0)
+                alone = await rig.steady_phase()
+                loaded, flood = await rig.flood_phase()
+            nursery.cancel_scope.cancel()
+    verdict = verdicts(alone, loaded)
+    print(table(alone, loaded, flood))
+    print(
+        "within 10% of B alone: "
+        + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in verdict.items())
+    )
+    load = os.getloadavg()[0]
+    print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
+    return {
+        "benchmark": "isolation",
+        "backend": args.backend,
+        "flood": args.flood,
+        "flood_via": args.flood_via,
+        "a_mode": args.a_mode,
+        "steady_rate": args.steady_rate,
+        "seconds": args.seconds,
+        "window": args.window,
+        "b_alone": asdict(alone),
+        "b_while_a_flooded": asdict(loaded),
+        "a_flood": asdict(flood),
+        "within_10_percent": verdict,
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "load_average_1m": load,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.isolation", description=__doc__)
+    parser.add_argument("--backend", choices=["embedded", "redis"], default="embedded")
+    parser.add_argument("--flood", type=int, default=50_000, help="messages queued on A")
+    parser.add_argument("--flood-via", choices=["api", "queue"], default="api")
+    parser.add_argument("--flood-concurrency", type=int, default=50, help="A's senders")
+    parser.add_argument(
+        "--a-mode",
+        choices=["drain", "held"],
+        default="drain",
+        help="during B's second window A drains its backlog flat out (default), or stays "
+        "paused with the backlog queued",
+    )
+    parser.add_argument("--steady-rate", type=float, default=50.0, help="B's messages/s")
+    parser.add_argument("--seconds", type=float, default=30.0, help="each phase's window")
+    parser.add_argument("--window", type=int, default=10, help="submit_sm in flight")
+    add_service_args(parser, timeout=600.0)
+    args = parser.parse_args(argv)
+    check_ranges(
+        parser,
+        args,
+        {
+            "--flood": (1, 1_000_000),
+            "--flood-concurrency": (1, 500),
+            "--steady-rate": (0.1, 1000),
+            "--seconds": (1, 3600),
+            "--window": (1, 1000),
+        },
+    )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(main_async, parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
