@@ -473,6 +473,9 @@ class SqliteBroker(Broker):
         if self._doorbell_prefix is not None:
             doorbell = _Doorbell.open(self._doorbell_prefix + str(consumer_id))
         consumer = _SqliteConsumer(self, consumer_id, queue, prefetch, doorbell)
+        # A system task rather than a nursery here: a nursery would wrap the consume block's
+        # own exceptions in ExceptionGroups for every caller.
+        trio.lowlevel.spawn_system_task(consumer.keep_alive, name=f"heartbeat {queue}")
         try:
             yield consumer
         finally:
@@ -683,6 +686,26 @@ class _SqliteConsumer(Consumer):
             raise BrokerUnavailableError(
                 "this consumer was presumed dead and its messages released"
             )
+
+    async def keep_alive(self) -> None:
+        """Beat while the consumer is open, even when its user calls nothing for a while (a
+        webhook forwarder holding its prefetch through a long outage): without this, after
+        STALE_AFTER seconds another consumer would release our messages and we would have to
+        start over. Failures are left to the next beat or to receive()/ack(), which report
+        them; nothing may escape a system task."""
+        try:
+            while True:
+                await trio.sleep(HEARTBEAT_INTERVAL)
+                if self.closed:
+                    return
+                try:
+                    await self._heartbeat_if_due()
+                except BrokerUnavailableError as exc:
+                    log.warning("heartbeat of consumer %s failed: %s", self._id, exc)
+        except trio.Cancelled:
+            return
+        except Exception:  # a system task's exception would end the whole run
+            log.exception("heartbeat task of consumer %s failed", self._id)
 
     async def ack(self, delivery: Delivery) -> None:
         await self._settle(delivery, requeue=False)

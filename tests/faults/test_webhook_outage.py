@@ -80,11 +80,17 @@ async def component(gateway: Gateway, channel_id: str, name: str) -> dict[str, A
 
 
 async def wait_component_type(gateway: Gateway, channel_id: str, name: str, kind: str) -> None:
-    async def reached() -> bool:
-        return (await component(gateway, channel_id, name)).get("type") == kind
+    last: dict[str, Any] = {}
 
-    with trio.fail_after(WAIT):
-        await wait_for(reached)
+    async def reached() -> bool:
+        last.update(await component(gateway, channel_id, name))
+        return last.get("type") == kind
+
+    try:
+        with trio.fail_after(WAIT):
+            await wait_for(reached)
+    except trio.TooSlowError:
+        raise AssertionError(f"{name} never reached {kind}; last seen: {last}") from None
 
 
 async def start_channel(gateway: Gateway, smsc: TimedSmsc, hook: FakeWebhook) -> str:

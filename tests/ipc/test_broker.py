@@ -483,3 +483,31 @@ async def test_amqp_unavailable_once_the_broker_is_gone(
             length = await direct.queue_length(q)
             await direct.delete_queue(q)
     assert length == 1
+
+
+@pytest.mark.slow
+async def test_sqlite_consumer_holding_messages_quietly_is_not_presumed_dead(
+    broker: Broker,
+    settings: Settings,
+    queue: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer that holds a delivery and calls nothing for longer than STALE_AFTER (a
+    webhook forwarder through a long outage) keeps it: its heartbeat runs by itself."""
+    if settings.amqp is not None:
+        pytest.skip("heartbeats are the embedded queue's; RabbitMQ tracks its connections")
+    from ipc import broker_sqlite
+
+    monkeypatch.setattr(broker_sqlite, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(broker_sqlite, "STALE_AFTER", 0.5)
+    q = queue("quiet")
+    await broker.publish(q, b"held")
+    async with broker.consume(q, prefetch=1) as holder:
+        held = await receive(holder)
+        # Another process's consumer polls (and reclaims stale consumers' rows) meanwhile.
+        async with open_broker(settings) as other, other.consume(q, prefetch=1) as poller:
+            with trio.move_on_after(2.0) as waited:
+                await poller.receive()
+            assert waited.cancelled_caught, "the held message was released to another consumer"
+        await holder.ack(held)
+    assert await broker.queue_length(q) == 0
