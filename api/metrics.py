@@ -21,7 +21,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from api.queue_control import METRICS_KEY, queue_snapshot, runtime_scope
+from api.queue_control import METRICS_KEY, queue_snapshot
+from ipc.names import runtime_scope
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from api.queue_errors import ChannelQueueFullError
 from ipc.errors import BrokerUnavailableError
-from ipc.payloads import VUMI_DATE_FORMAT, vumi_timestamp
+from ipc.names import cancelled_scope, control_scope, runtime_scope
+from ipc.payloads import parse_vumi_timestamp, vumi_timestamp
 
 if TYPE_CHECKING:
     from ipc.broker import Broker
@@ -48,28 +49,6 @@ SNAPSHOT_FIELDS = (
     "paused",
     "updated",
 )
-
-
-def control_scope(channel_id: str) -> str:
-    return f"{channel_id}:control"
-
-
-def cancelled_scope(channel_id: str) -> str:
-    return f"{channel_id}:cancelled"
-
-
-def runtime_scope(channel_id: str) -> str:
-    return f"{channel_id}:runtime"
-
-
-def parse_vumi_timestamp(text: object) -> dt.datetime | None:
-    """A vumi timestamp ("2015-10-06 14:16:34.578820", UTC) as an aware datetime."""
-    if not isinstance(text, str):
-        return None
-    try:
-        return dt.datetime.strptime(text, VUMI_DATE_FORMAT).replace(tzinfo=dt.UTC)
-    except ValueError:
-        return None
 
 
 # --- control records ----------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ipc.payloads import VUMI_DATE_FORMAT
+from ipc.names import cancelled_scope, control_scope
+from ipc.payloads import parse_vumi_timestamp
 
 if TYPE_CHECKING:
     from ipc.payloads import VumiMessage
@@ -24,27 +25,9 @@ EXPIRED: Final = "expired"
 SEND_CRASHED: Final = "send_crashed"
 
 
-def control_scope(channel_id: str) -> str:
-    return f"{channel_id}:control"
-
-
-def cancelled_scope(channel_id: str) -> str:
-    return f"{channel_id}:cancelled"
-
-
 def send_attempts_scope(channel_id: str) -> str:
     """Sends started and not finished, per message id (the outbound actor's crash counter)."""
     return f"{channel_id}:send_attempts"
-
-
-def parse_timestamp(text: object) -> dt.datetime | None:
-    """A vumi timestamp (UTC) as an aware datetime; None when missing or malformed."""
-    if not isinstance(text, str):
-        return None
-    try:
-        return dt.datetime.strptime(text, VUMI_DATE_FORMAT).replace(tzinfo=dt.UTC)
-    except ValueError:
-        return None
 
 
 class ControlState:
@@ -73,7 +56,7 @@ class ControlState:
         )
         cancelled = await self._store.kv_items(cancelled_scope(self._channel_id))
         self.paused = state.get("paused") is True
-        self.cancel_before = parse_timestamp(state.get("cancel_before"))
+        self.cancel_before = parse_vumi_timestamp(state.get("cancel_before"))
         self.cancelled = frozenset(cancelled)
 
     async def verdict(self, msg: VumiMessage, *, now: dt.datetime | None = None) -> str | None:
@@ -82,10 +65,10 @@ class ControlState:
         if msg.message_id in self.cancelled:
             return CANCELLED
         if self.cancel_before is not None:
-            stamp = parse_timestamp(msg.timestamp)
+            stamp = parse_vumi_timestamp(msg.timestamp)
             if stamp is not None and stamp <= self.cancel_before:
                 return CANCELLED
-        expires_at = parse_timestamp(msg.routing_metadata.get("expires_at"))
+        expires_at = parse_vumi_timestamp(msg.routing_metadata.get("expires_at"))
         if expires_at is not None and expires_at < (now or dt.datetime.now(dt.UTC)):
             return EXPIRED
         return None

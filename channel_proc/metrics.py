@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ipc.errors import BrokerUnavailableError, StoreUnavailableError
+from ipc.names import runtime_scope
 from ipc.payloads import vumi_timestamp
 
 if TYPE_CHECKING:
@@ -34,10 +35,6 @@ METRICS_INTERVAL: Final = 2.0
 RATE_WINDOW: Final = 10.0
 #: Seconds the snapshot waits for the status actor's answer about the link.
 LINK_QUERY_TIMEOUT: Final = 0.2
-
-
-def runtime_scope(channel_id: str) -> str:
-    return f"{channel_id}:runtime"
 
 
 class SendRate:

@@ -36,7 +36,6 @@ from channel_proc.backoff import Backoff
 from channel_proc.control_state import (
     REFRESH_INTERVAL,
     SEND_CRASHED,
-    parse_timestamp,
     send_attempts_scope,
 )
 from channel_proc.deadletter import dead_letter
@@ -45,7 +44,7 @@ from channel_proc.transports.errors import ProviderThrottled, SendError
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import decode_vumi_message, encode_payload
 from ipc.errors import ProtocolError, StoreUnavailableError
-from ipc.payloads import EventType, VumiEvent, vumi_timestamp
+from ipc.payloads import EventType, VumiEvent, parse_vumi_timestamp, vumi_timestamp
 
 if TYPE_CHECKING:
     from channel_proc.control_state import ControlState
@@ -205,7 +204,7 @@ class OutboundActor:
 
     def oldest_outbound_age(self) -> float | None:
         """Seconds since the oldest message this actor holds was created; None if none."""
-        stamps = [t for t in map(parse_timestamp, self._held.values()) if t is not None]
+        stamps = [t for t in map(parse_vumi_timestamp, self._held.values()) if t is not None]
         if not stamps:
             return None
         return max(0.0, (dt.datetime.now(dt.UTC) - min(stamps)).total_seconds())

@@ -106,3 +106,16 @@ def supervisor_socket(run_dir: Path) -> Path:
 def channel_socket(run_dir: Path, channel_id: str) -> Path:
     # Unix socket paths are limited to ~107 bytes; run_dir is kept short by the supervisor.
     return run_dir / f"ch-{channel_id}.sock"
+
+
+# Store scopes the API writes and a channel process reads (queue control and its snapshot).
+def control_scope(channel_id: str) -> str:
+    return f"{channel_id}:control"
+
+
+def cancelled_scope(channel_id: str) -> str:
+    return f"{channel_id}:cancelled"
+
+
+def runtime_scope(channel_id: str) -> str:
+    return f"{channel_id}:runtime"

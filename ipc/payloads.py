@@ -28,6 +28,16 @@ def vumi_timestamp(when: dt.datetime | None = None) -> str:
     return moment.astimezone(dt.UTC).replace(tzinfo=None).strftime(VUMI_DATE_FORMAT)
 
 
+def parse_vumi_timestamp(text: object) -> dt.datetime | None:
+    """A vumi timestamp (UTC) as an aware datetime; None when missing or malformed."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return dt.datetime.strptime(text, VUMI_DATE_FORMAT).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
 class SessionEvent(StrEnum):
     NEW = "new"
     RESUME = "resume"

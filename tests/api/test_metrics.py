@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.metrics import cumulative_buckets
-from api.queue_control import METRICS_KEY, QUEUES_KEY, runtime_scope
+from api.queue_control import METRICS_KEY, QUEUES_KEY
+from ipc.names import runtime_scope
 from ipc.payloads import vumi_timestamp
 
 if TYPE_CHECKING:

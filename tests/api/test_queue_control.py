@@ -13,16 +13,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from api.queue_control import (
-    QUEUES_KEY,
-    RETRY_AFTER_PAUSED,
-    RETRY_AFTER_UNKNOWN,
-    STATE_KEY,
-    cancelled_scope,
-    control_scope,
-    runtime_scope,
-)
+from api.queue_control import QUEUES_KEY, RETRY_AFTER_PAUSED, RETRY_AFTER_UNKNOWN, STATE_KEY
 from ipc.codec import decode_vumi_message
+from ipc.names import cancelled_scope, control_scope, runtime_scope
 from ipc.payloads import EventType, VumiEvent, VumiMessage, vumi_timestamp
 from tests.api.harness import open_api
 

@@ -13,26 +13,15 @@ import trio
 from pydantic import BaseModel
 
 from channel_proc.backoff import Backoff
-from channel_proc.control_state import (
-    CANCELLED,
-    EXPIRED,
-    ControlState,
-    cancelled_scope,
-    control_scope,
-)
+from channel_proc.control_state import CANCELLED, EXPIRED, ControlState
 from channel_proc.counters import Counters
 from channel_proc.lifecycle import Shutdown
-from channel_proc.metrics import (
-    METRICS_KEY,
-    QUEUES_KEY,
-    RuntimeSnapshots,
-    SendRate,
-    runtime_scope,
-)
+from channel_proc.metrics import METRICS_KEY, QUEUES_KEY, RuntimeSnapshots, SendRate
 from channel_proc.outbound import OutboundActor, RateLimiter
 from channel_proc.transports.base import SendReceipt, Transport
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import decode_vumi_event, encode_payload
+from ipc.names import cancelled_scope, control_scope, runtime_scope
 from ipc.payloads import EventType, VumiMessage, vumi_timestamp
 from tests.channel_proc.support import WAIT, drain_queue, wait_for
 from tests.channel_proc.transports.harness import MemoryLink
