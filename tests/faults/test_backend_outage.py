@@ -129,6 +129,17 @@ async def send_through(
         stop.set()
 
 
+async def wait_refused(sender: Sender) -> None:
+    """Until the steady sender has been refused at least once. An outage is held that long:
+    a short one can fall between two of its sends, and send_through waits to see one."""
+
+    async def refused() -> bool:
+        return bool(sender.failures)
+
+    with trio.fail_after(WAIT):
+        await wait_for(refused)
+
+
 def assert_only_503(sender: Sender, reason: str) -> None:
     assert sender.failures, "no send was refused during the outage"
     for failure in sender.failures:
@@ -167,6 +178,7 @@ async def test_rabbitmq_restarted_mid_run(
                 down = await wait_stored_component(outage_settings, cid, "broker", "down")
                 assert down["type"] == "unavailable"
                 assert down["details"] == {"backend": "rabbitmq"}
+                await wait_refused(sender)
             finally:
                 amqp_relay.up()
             await wait_component(gateway, cid, "broker", "ok")
@@ -230,6 +242,7 @@ async def test_redis_restarted_mid_run(
                     await wait_for(store_reported_down)
                     # It could not store an event: it exits 69, to be retried.
                     await wait_for(busy_channel_stopped)
+                await wait_refused(sender)
             finally:
                 await redis_server.start()
             await wait_component(gateway, quiet, "store", "ok")
