@@ -91,6 +91,10 @@ class _Core:
         self._channels: dict[str, AbstractChannel] = {}
         #: queue -> max_priority it was declared with on this connection.
         self._declared: dict[str, int] = {}
+        #: queue -> max_priority asked for, kept across reconnects: a publish or consumer that
+        #: re-declares a queue after one must ask for what the queue was made with, or it
+        #: fails the precondition (and would make a lost queue without its priorities).
+        self._wanted: dict[str, int] = {}
         self._setup = asyncio.Lock()
         self._passive = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -174,6 +178,10 @@ class _Core:
         await self._connection()
 
     async def declare(self, queue: str, max_priority: int, *, if_new: bool) -> None:
+        if if_new:
+            max_priority = self._wanted.get(queue, max_priority)
+        else:
+            self._wanted[queue] = max_priority
         known = self._declared.get(queue)
         if known is not None and (if_new or known == max_priority):
             return
@@ -199,7 +207,7 @@ class _Core:
     async def publish(self, queue: str, body: bytes, priority: int) -> None:
         async def once() -> None:
             if queue not in self._declared:
-                await self._declare(queue, 0)
+                await self._declare(queue, self._wanted.get(queue, 0))
             properties = Basic.Properties(delivery_mode=2, priority=priority)
             try:
                 async with self._using(_PUBLISH) as channel:
@@ -283,6 +291,7 @@ class _Core:
     async def delete_queue(self, queue: str) -> None:
         async def once() -> None:
             self._declared.pop(queue, None)
+            self._wanted.pop(queue, None)
             with suppress(ChannelNotFoundEntity):
                 async with self._using(_ADMIN) as channel:
                     await channel.queue_delete(queue)

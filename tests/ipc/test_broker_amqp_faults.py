@@ -79,3 +79,53 @@ async def test_amqp_calls_fail_in_bounded_time_when_rabbitmq_stops_answering(
         relay.resume()
         await broker.delete_queue(queue)
         await broker.aclose()
+
+
+@pytest.mark.parametrize("lost_queue", [False, True], ids=["queue-kept", "queue-lost"])
+async def test_amqp_queue_keeps_its_priorities_across_a_reconnect(
+    redis_settings: Settings,
+    namespace: Namespace,
+    nursery: trio.Nursery,
+    lost_queue: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the connection drops, the first publish re-declares the queue as it was asked
+    for (with its priorities): no failed precondition against the live queue, and a queue
+    lost meanwhile comes back as a priority queue, not a plain one."""
+    from ipc.settings import AmqpSettings
+
+    relay = RelayProxy(AMQP_HOST, AMQP_PORT)
+    port = await nursery.start(relay.run)
+    queue = namespace.queue("prioritised")
+    async with open_broker(redis_settings) as direct:
+        broker = await AmqpBroker.connect(AmqpSettings(hostname="127.0.0.1", port=port))
+        try:
+            await broker.declare_queue(queue, max_priority=10)
+            await broker.publish(queue, b"before")
+            await relay.down()
+            if lost_queue:
+                await direct.delete_queue(queue)
+            relay.up()
+            with trio.fail_after(10):
+                for body, priority in ((b"low", 1), (b"high", 9)):
+                    while True:
+                        try:
+                            await broker.publish(queue, body, priority=priority)
+                            break
+                        except BrokerUnavailableError:
+                            await trio.sleep(0.1)
+            expected = [b"high", b"low"] if lost_queue else [b"high", b"low", b"before"]
+            got: list[bytes] = []
+            await direct.declare_queue(queue, max_priority=10)
+            with trio.fail_after(10):
+                async with direct.consume(queue, prefetch=10) as consumer:
+                    async for delivery in consumer:
+                        got.append(delivery.body)
+                        await consumer.ack(delivery)
+                        if len(got) == len(expected):
+                            break
+            assert got == expected
+            assert "exists with other arguments" not in caplog.text
+        finally:
+            await broker.delete_queue(queue)
+            await broker.aclose()
