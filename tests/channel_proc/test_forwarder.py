@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from channel_proc.deadletter import dead_letter_queue
 from channel_proc.forwarder import Routes
 from channel_proc.transports.base import StatusLevel
 from ipc.broker import open_broker
 from ipc.codec import encode_payload
-from ipc.deadletters import DeadLetter, SourceQueue, list_dead_letters
+from ipc.deadletters import SourceQueue
 from ipc.names import amqp_event_key, amqp_inbound_key, amqp_outbound_queue
 from ipc.payloads import (
     DeliveryStatus,
@@ -27,13 +26,12 @@ from ipc.payloads import (
     api_message,
 )
 from ipc.state import open_state
-from tests.channel_proc.support import (
-    WAIT,
-    StatusInbox,
-    drain_queue,
-    running_forwarder,
-    wait_for,
-    wait_for_length,
+from tests.channel_proc.support import WAIT, StatusInbox, drain_queue, wait_for, wait_for_length
+from tests.channel_proc.webhook_support import (
+    Forwarders,
+    assert_queue_copies,
+    inbound_msg,
+    wait_dead_letters,
 )
 from tests.fakes.webhook import DROP
 
@@ -43,42 +41,6 @@ if TYPE_CHECKING:
     from ipc.settings import Settings
     from ipc.state import OutboundRecord, StateStore
     from tests.fakes.webhook import FakeWebhook
-
-
-def inbound_msg(content: str = "Hi there") -> VumiMessage:
-    return VumiMessage(
-        to_addr="0.0.0.0:9001",
-        from_addr="127.0.0.1:53378",
-        content=content,
-        session_event=SessionEvent.RESUME,
-        transport_type="telnet",
-    )
-
-
-async def wait_dead_letters(store: StateStore, owner_id: str, count: int) -> list[DeadLetter]:
-    """Until `owner_id` has `count` dead letters; them, oldest first."""
-    found: list[DeadLetter] = []
-
-    async def enough() -> bool:
-        nonlocal found
-        found = await list_dead_letters(store, owner_id)
-        return len(found) >= count
-
-    with trio.fail_after(WAIT):
-        await wait_for(enough)
-    return found
-
-
-async def assert_queue_copies(
-    settings: Settings, broker: Broker, namespace: Namespace, channel_id: str, bodies: list[bytes]
-) -> None:
-    """On RabbitMQ each dead letter's body is also on `{cid}.dead` (in any order); embedded
-    keeps no such copy."""
-    dead = dead_letter_queue(namespace, channel_id)
-    if settings.amqp is None:
-        assert await broker.queue_length(dead) == 0
-    else:
-        assert sorted(await drain_queue(broker, dead, len(bodies))) == sorted(bodies)
 
 
 def vumi_events(record: OutboundRecord) -> list[dict[str, Any]]:
@@ -96,20 +58,14 @@ async def rate(store: StateStore, channel_id: str, label: str, since: int) -> in
 
 
 @pytest.fixture
-def deps(
+def forwarders(
     settings: Settings, namespace: Namespace, store: StateStore, broker: Broker, channel_id: str
-) -> dict[str, object]:
-    return {
-        "settings": settings,
-        "namespace": namespace,
-        "store": store,
-        "broker": broker,
-        "channel_id": channel_id,
-    }
+) -> Forwarders:
+    return Forwarders(settings, namespace, store, broker, channel_id)
 
 
 async def test_forwarder_inbound_reaches_mo_url_with_token(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -120,7 +76,7 @@ async def test_forwarder_inbound_reaches_mo_url_with_token(
     bucket = int(time.time() / 10.0)
     await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
     routes = Routes(mo_url=webhook.url("/mo"), mo_url_auth_token="mo-token-123")
-    async with running_forwarder(routes=routes, **deps):  # type: ignore[arg-type]
+    async with forwarders(routes):
         with trio.fail_after(WAIT):
             (request,) = await webhook.wait_for_requests(1)
     assert request.path == "/mo"
@@ -133,7 +89,7 @@ async def test_forwarder_inbound_reaches_mo_url_with_token(
 
 
 async def test_forwarder_inbound_basic_auth_from_url_userinfo(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     broker: Broker,
     namespace: Namespace,
     channel_id: str,
@@ -141,7 +97,7 @@ async def test_forwarder_inbound_basic_auth_from_url_userinfo(
 ) -> None:
     await broker.publish(namespace.inbound_queue(channel_id), encode_payload(inbound_msg()))
     url = webhook.url("/mo").replace("http://", "http://user:p%40ss@")
-    async with running_forwarder(routes=Routes(mo_url=url), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes(mo_url=url)):
         with trio.fail_after(WAIT):
             (request,) = await webhook.wait_for_requests(1)
     expected = base64.b64encode(b"user:p@ss").decode()
@@ -150,7 +106,7 @@ async def test_forwarder_inbound_basic_auth_from_url_userinfo(
 
 
 async def test_forwarder_session_close_is_forwarded(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     broker: Broker,
     namespace: Namespace,
     channel_id: str,
@@ -158,7 +114,7 @@ async def test_forwarder_session_close_is_forwarded(
 ) -> None:
     msg = VumiMessage(from_addr="a", to_addr="b", session_event=SessionEvent.CLOSE)
     await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
-    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes(mo_url=webhook.url())):
         with trio.fail_after(WAIT):
             (request,) = await webhook.wait_for_requests(1)
     assert request.json()["channel_data"] == {"session_event": "close"}
@@ -166,7 +122,7 @@ async def test_forwarder_session_close_is_forwarded(
 
 
 async def test_forwarder_event_reaches_event_url(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -184,7 +140,7 @@ async def test_forwarder_event_reaches_event_url(
     event = VumiEvent(event_type=EventType.ACK, user_message_id=mid, sent_message_id=mid)
     bucket = int(time.time() / 10.0)
     await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
-    async with running_forwarder(routes=Routes(), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes()):
         with trio.fail_after(WAIT):
             (request,) = await webhook.wait_for_requests(1)
     assert request.path == "/ev"
@@ -199,7 +155,7 @@ async def test_forwarder_event_reaches_event_url(
 
 
 async def test_forwarder_event_without_record_is_stored_and_acked(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -208,7 +164,7 @@ async def test_forwarder_event_without_record_is_stored_and_acked(
 ) -> None:
     event = VumiEvent(event_type=EventType.NACK, user_message_id="m1", nack_reason="no")
     await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
-    async with running_forwarder(routes=Routes(), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes()):
         await wait_for_length(broker, namespace.event_queue(channel_id), 0)
 
         async def stored() -> bool:
@@ -256,7 +212,7 @@ EVENT_CASES = [
 
 @pytest.mark.parametrize(("fields", "event_type", "details"), EVENT_CASES)
 async def test_forwarder_every_event_type_posts_the_documented_body(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -273,7 +229,7 @@ async def test_forwarder_every_event_type_posts_the_documented_body(
     event = VumiEvent(user_message_id=mid, transport_name=channel_id, **fields)
     bucket = int(time.time() / 10.0)
     await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
-    async with running_forwarder(routes=Routes(), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes()):
         with trio.fail_after(WAIT):
             (request,) = await webhook.wait_for_requests(1)
     assert "authorization" not in request.headers
@@ -296,7 +252,7 @@ async def test_forwarder_every_event_type_posts_the_documented_body(
 
 
 async def test_forwarder_event_without_delivery_status_is_stored_not_posted_nor_counted(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -309,7 +265,7 @@ async def test_forwarder_event_without_delivery_status_is_stored_not_posted_nor_
     ack = VumiEvent(event_type=EventType.ACK, user_message_id=mid)
     for event in (odd, ack):
         await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
-    async with running_forwarder(routes=Routes(), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes()):
         with trio.fail_after(WAIT):
             (request,) = await webhook.wait_for_requests(1)
         await wait_for_length(broker, namespace.event_queue(channel_id), 0)
@@ -347,13 +303,8 @@ async def test_forwarder_event_of_expired_record_goes_to_amqp_but_not_event_url(
         later = VumiEvent(event_type=EventType.ACK, user_message_id=live)
         for event in (expired, later):
             await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
-        async with running_forwarder(
-            settings=settings,
-            namespace=namespace,
-            store=store,
-            broker=broker,
-            channel_id=channel_id,
-            routes=Routes(amqp_queue=amqp_queue),
+        async with Forwarders(settings, namespace, store, broker, channel_id)(
+            Routes(amqp_queue=amqp_queue)
         ):
             with trio.fail_after(WAIT):
                 await webhook.wait_for_requests(1, path="/live")
@@ -373,7 +324,7 @@ async def test_forwarder_event_of_expired_record_goes_to_amqp_but_not_event_url(
 
 @pytest.mark.slow
 async def test_forwarder_retries_until_delivered_and_then_acks(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     broker: Broker,
     namespace: Namespace,
     channel_id: str,
@@ -384,7 +335,7 @@ async def test_forwarder_retries_until_delivered_and_then_acks(
     msg = inbound_msg()
     queue = namespace.inbound_queue(channel_id)
     await broker.publish(queue, encode_payload(msg))
-    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes(mo_url=webhook.url())):
         with trio.fail_after(WAIT):
             requests = await webhook.wait_for_requests(1, delivered_only=True)
     assert [r.status for r in webhook.requests] == [500, 500, DROP, 200]
@@ -396,7 +347,7 @@ async def test_forwarder_retries_until_delivered_and_then_acks(
 
 @pytest.mark.slow
 async def test_forwarder_does_not_ack_before_delivery(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     broker: Broker,
     namespace: Namespace,
     channel_id: str,
@@ -406,12 +357,12 @@ async def test_forwarder_does_not_ack_before_delivery(
     msg = inbound_msg()
     await broker.publish(queue, encode_payload(msg))
     webhook.go_down()
-    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes(mo_url=webhook.url())):
         with trio.fail_after(WAIT):
             await webhook.wait_for_requests(3)
     assert await broker.queue_length(queue) == 1
     webhook.come_up()
-    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes(mo_url=webhook.url())):
         with trio.fail_after(WAIT):
             (delivered,) = await webhook.wait_for_requests(1, delivered_only=True)
     assert delivered.json()["message_id"] == msg.message_id
@@ -420,7 +371,7 @@ async def test_forwarder_does_not_ack_before_delivery(
 
 @pytest.mark.slow
 async def test_forwarder_dead_mo_url_does_not_block_events(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -431,7 +382,7 @@ async def test_forwarder_dead_mo_url_does_not_block_events(
     await store.put_outbound(channel_id, mid, {"event_url": webhook.url("/ev")}, 600)
     await broker.publish(namespace.inbound_queue(channel_id), encode_payload(inbound_msg()))
     webhook.fail_path("/mo")
-    async with running_forwarder(routes=Routes(mo_url=webhook.url("/mo")), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes(mo_url=webhook.url("/mo"))):
         with trio.fail_after(WAIT):
             await webhook.wait_for_requests(2, path="/mo")
         event = VumiEvent(event_type=EventType.ACK, user_message_id=mid)
@@ -443,7 +394,7 @@ async def test_forwarder_dead_mo_url_does_not_block_events(
 
 @pytest.mark.slow
 async def test_forwarder_gives_up_after_max_age_and_dead_letters(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     settings: Settings,
     store: StateStore,
     broker: Broker,
@@ -456,7 +407,7 @@ async def test_forwarder_gives_up_after_max_age_and_dead_letters(
     await broker.publish(namespace.inbound_queue(channel_id), body)
     webhook.go_down(status=500)
     routes = Routes(mo_url=webhook.url())
-    async with running_forwarder(routes=routes, webhook_max_age=0.3, **deps):  # type: ignore[arg-type]
+    async with forwarders(routes, webhook_max_age=0.3):
         (letter,) = await wait_dead_letters(store, channel_id, 1)
         await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
     assert letter.source is SourceQueue.INBOUND
@@ -469,7 +420,7 @@ async def test_forwarder_gives_up_after_max_age_and_dead_letters(
 
 
 async def test_forwarder_undecodable_inbound_is_dead_lettered(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     settings: Settings,
     store: StateStore,
     broker: Broker,
@@ -478,7 +429,7 @@ async def test_forwarder_undecodable_inbound_is_dead_lettered(
     webhook: FakeWebhook,
 ) -> None:
     await broker.publish(namespace.inbound_queue(channel_id), b"not json\xff")
-    async with running_forwarder(routes=Routes(mo_url=webhook.url()), **deps):  # type: ignore[arg-type]
+    async with forwarders(Routes(mo_url=webhook.url())):
         (letter,) = await wait_dead_letters(store, channel_id, 1)
     assert await broker.queue_length(namespace.inbound_queue(channel_id)) == 0
     assert letter.body is None
@@ -489,7 +440,7 @@ async def test_forwarder_undecodable_inbound_is_dead_lettered(
 
 @pytest.mark.slow
 async def test_forwarder_reports_degraded_then_recovered(
-    deps: dict[str, object],
+    forwarders: Forwarders,
     broker: Broker,
     namespace: Namespace,
     channel_id: str,
@@ -499,7 +450,7 @@ async def test_forwarder_reports_degraded_then_recovered(
     await broker.publish(namespace.inbound_queue(channel_id), encode_payload(inbound_msg()))
     inbox = StatusInbox()
     routes = Routes(mo_url=webhook.url("/mo"))
-    async with running_forwarder(routes=routes, statuses=inbox, **deps):  # type: ignore[arg-type]
+    async with forwarders(routes, statuses=inbox):
         with trio.fail_after(WAIT):
             await webhook.wait_for_requests(1, delivered_only=True)
     reports = [(r.component, r.level, r.type) for r in inbox.reports()]
@@ -533,13 +484,8 @@ async def test_forwarder_amqp_queue_publishes_and_relays(
         await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
         await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
         await broker.publish(amqp_outbound_queue(amqp_queue), encode_payload(outbound))
-        async with running_forwarder(
-            settings=redis_settings,
-            namespace=namespace,
-            store=store,
-            broker=broker,
-            channel_id=channel_id,
-            routes=Routes(amqp_queue=amqp_queue),
+        async with Forwarders(redis_settings, namespace, store, broker, channel_id)(
+            Routes(amqp_queue=amqp_queue)
         ):
             assert await drain_queue(broker, amqp_inbound_key(amqp_queue), 1) == [
                 encode_payload(msg)
@@ -565,13 +511,8 @@ async def test_forwarder_ignores_amqp_queue_on_embedded_broker(
         open_broker(embedded_settings) as broker,
     ):
         await broker.publish(namespace.inbound_queue(channel_id), encode_payload(inbound_msg()))
-        async with running_forwarder(
-            settings=embedded_settings,
-            namespace=namespace,
-            store=store,
-            broker=broker,
-            channel_id=channel_id,
-            routes=Routes(amqp_queue=amqp_queue),
+        async with Forwarders(embedded_settings, namespace, store, broker, channel_id)(
+            Routes(amqp_queue=amqp_queue)
         ):
             await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
         assert await broker.queue_length(amqp_inbound_key(amqp_queue)) == 0

@@ -2,29 +2,53 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+import math
 import uuid
 from typing import TYPE_CHECKING
 
+import httpcore
 import httpx
 import pytest
+import trio
 
 from channel_proc.webhook import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     Callback,
+    WebhookClient,
     WebhookError,
     WebhookTarget,
+    _OneSendStream,
     delivery_id,
     encode_body,
     post_json,
     signature,
 )
+from tests.fakes.webhook import DROP
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from tests.fakes.webhook import FakeWebhook, RecordedRequest
+
+TIMEOUT = 2.0
+
+
+@pytest.fixture(params=["webhook-client", "httpx-client"])
+async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """post_json's two clients: the channel process's WebhookClient (httpcore's pool) and a
+    plain httpx.AsyncClient, which behave the same."""
+    client: httpx.AsyncClient
+    if request.param == "webhook-client":
+        client = WebhookClient(timeout=TIMEOUT, concurrency=2)
+    else:
+        client = httpx.AsyncClient(timeout=TIMEOUT)
+    async with client:
+        yield client
 
 
 def verify(request: RecordedRequest, secret: str) -> bool:
@@ -88,13 +112,12 @@ def test_callback_rendering_to_an_unusable_url_is_permanent() -> None:
 
 
 async def test_post_json_signs_the_exact_body_and_names_the_delivery(
-    webhook: FakeWebhook,
+    webhook: FakeWebhook, http: httpx.AsyncClient
 ) -> None:
     body = {"content": "héllo", "n": 1}
     target = WebhookTarget.parse(webhook.url("/hook"), token="t", signing_secret="s3cret")
-    async with httpx.AsyncClient() as http:
-        status = await post_json(http, target, body, delivery="d-1")
-        unsigned = await post_json(http, WebhookTarget.parse(webhook.url("/plain")), body)
+    status = await post_json(http, target, body, delivery="d-1")
+    unsigned = await post_json(http, WebhookTarget.parse(webhook.url("/plain")), body)
     assert status.status == 200
     assert not status.oversized
     assert unsigned.status == 200
@@ -109,14 +132,153 @@ async def test_post_json_signs_the_exact_body_and_names_the_delivery(
     assert DELIVERY_HEADER.lower() not in plain.headers
 
 
-async def test_post_json_error_carries_the_status(webhook: FakeWebhook) -> None:
+async def test_post_json_error_carries_the_status(
+    webhook: FakeWebhook, http: httpx.AsyncClient
+) -> None:
     webhook.fail_next(1, status=502)
-    async with httpx.AsyncClient() as http:
-        with pytest.raises(WebhookError, match="HTTP 502") as caught:
-            await post_json(http, WebhookTarget.parse(webhook.url()), {})
-        assert caught.value.status == 502
-        assert not caught.value.permanent
-        with pytest.raises(WebhookError, match="cannot post") as unsupported:
-            await post_json(http, WebhookTarget.parse("ftp://127.0.0.1/x"), {})
+    with pytest.raises(WebhookError, match="HTTP 502") as caught:
+        await post_json(http, WebhookTarget.parse(webhook.url()), {})
+    assert caught.value.status == 502
+    assert not caught.value.permanent
+    assert 'answered HTTP 502: \'{"error": "scripted"}\'' in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        pytest.param("ftp://127.0.0.1/x", "unsupported protocol 'ftp://'", id="scheme"),
+        pytest.param("http:///x", "missing an 'http://' or 'https://'", id="no-host"),
+    ],
+)
+async def test_post_json_to_an_unusable_url_is_a_permanent_error(
+    http: httpx.AsyncClient, url: str, reason: str
+) -> None:
+    with pytest.raises(WebhookError, match="cannot post") as unsupported:
+        await post_json(http, WebhookTarget.parse(url), {})
     assert unsupported.value.permanent
     assert unsupported.value.status is None
+    assert reason in unsupported.value.reason
+
+
+async def test_both_clients_send_the_same_headers(webhook: FakeWebhook) -> None:
+    """Receivers see no difference: httpx's default headers, Host, Content-Length, auth."""
+    target = WebhookTarget.parse(webhook.url("/h"), token="t", signing_secret="s")
+    async with WebhookClient(timeout=TIMEOUT, concurrency=1) as core:
+        await post_json(core, target, {"a": 1}, delivery="d")
+    async with httpx.AsyncClient() as plain:
+        await post_json(plain, target, {"a": 1}, delivery="d")
+    ours, theirs = webhook.requests
+    assert ours.headers == theirs.headers
+    assert ours.body == theirs.body
+    assert ours.headers["host"] == f"127.0.0.1:{webhook.port}"
+    assert ours.headers["user-agent"] == f"python-httpx/{httpx.__version__}"
+
+
+async def test_basic_auth_from_the_url_wins_over_the_token(
+    webhook: FakeWebhook, http: httpx.AsyncClient
+) -> None:
+    url = webhook.url("/b").replace("http://", "http://us%C3%A9r:p%40ss@")
+    await post_json(http, WebhookTarget.parse(url, token="tok"), {})
+    (request,) = webhook.requests
+    credentials = base64.b64encode("usér:p@ss".encode()).decode()
+    assert request.headers["authorization"] == f"Basic {credentials}"
+
+
+async def test_redirects_are_not_followed(webhook: FakeWebhook, http: httpx.AsyncClient) -> None:
+    webhook.fail_next(1, status=307)
+    with pytest.raises(WebhookError, match="HTTP 307") as caught:
+        await post_json(http, WebhookTarget.parse(webhook.url()), {})
+    assert caught.value.status == 307
+    assert len(webhook.requests) == 1
+
+
+async def test_no_answer_within_the_timeout_is_a_transient_error(
+    webhook: FakeWebhook, http: httpx.AsyncClient
+) -> None:
+    webhook.delay_path("/slow", math.inf)
+    with trio.fail_after(3 * TIMEOUT), pytest.raises(WebhookError, match="ReadTimeout") as caught:
+        await post_json(http, WebhookTarget.parse(webhook.url("/slow")), {})
+    assert not caught.value.permanent
+    # The connection is usable again afterwards (a fresh one replaces the timed-out one).
+    assert (await post_json(http, WebhookTarget.parse(webhook.url("/fast")), {})).status == 200
+
+
+async def test_nobody_listening_is_a_transient_error(
+    http: httpx.AsyncClient,
+) -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with pytest.raises(WebhookError, match="ConnectError") as caught:
+            await post_json(http, WebhookTarget.parse(f"http://127.0.0.1:{port}/"), {})
+    assert not caught.value.permanent
+    assert caught.value.status is None
+
+
+async def test_dropped_connection_is_a_transient_error(
+    webhook: FakeWebhook, http: httpx.AsyncClient
+) -> None:
+    webhook.fail_next(1, status=DROP)
+    with pytest.raises(WebhookError, match="RemoteProtocolError") as caught:
+        await post_json(http, WebhookTarget.parse(webhook.url()), {})
+    assert not caught.value.permanent
+
+
+async def test_webhook_client_applies_environment_proxies(
+    webhook: FakeWebhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As httpx does: with HTTP_PROXY set, requests go to the proxy (here the fake, which sees
+    the absolute URL as the request target)."""
+    monkeypatch.setenv("HTTP_PROXY", webhook.url())
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with WebhookClient(timeout=TIMEOUT, concurrency=1) as http:
+        await post_json(http, WebhookTarget.parse("http://webhook.example/p"), {})
+    (request,) = webhook.requests
+    assert request.path == "http://webhook.example/p"
+
+
+async def test_tls_to_a_plain_http_server_is_a_transient_error(
+    webhook: FakeWebhook, http: httpx.AsyncClient
+) -> None:
+    with pytest.raises(WebhookError, match="ConnectError") as caught:
+        await post_json(http, WebhookTarget.parse(webhook.url().replace("http:", "https:")), {})
+    assert not caught.value.permanent
+
+
+class _Recording(httpcore.AsyncNetworkStream):
+    """The far end of a stream: records each send; a write may be set to fail."""
+
+    def __init__(self, *, fail_writes: bool = False) -> None:
+        self.sent: list[bytes] = []
+        self.fail_writes = fail_writes
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if self.fail_writes:
+            raise httpcore.WriteError("peer closed")
+        self.sent.append(buffer)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        return b"HTTP/1.1 413 Too Large\r\n"
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_request_head_and_body_leave_in_one_send() -> None:
+    far = _Recording()
+    stream = _OneSendStream(far)
+    await stream.write(b"POST / HTTP/1.1\r\n\r\n")
+    await stream.write(b"{}")
+    assert far.sent == []
+    assert await stream.read(100) == b"HTTP/1.1 413 Too Large\r\n"
+    assert far.sent == [b"POST / HTTP/1.1\r\n\r\n{}"]
+    await stream.read(100)
+    assert far.sent == [b"POST / HTTP/1.1\r\n\r\n{}"]
+
+
+async def test_a_failed_send_still_reads_the_answer() -> None:
+    """As httpcore does: a server may answer, then close before taking the whole body."""
+    stream = _OneSendStream(_Recording(fail_writes=True))
+    await stream.write(b"POST / HTTP/1.1\r\n\r\n{}")
+    assert await stream.read(100) == b"HTTP/1.1 413 Too Large\r\n"

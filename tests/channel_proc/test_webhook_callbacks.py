@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import logging
 import uuid
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ import pytest
 import trio
 
 from channel_proc.counters import Counters
-from channel_proc.forwarder import Forwarder, Routes
+from channel_proc.forwarder import Routes
 from channel_proc.lifecycle import Shutdown
 from channel_proc.process import load_channel, run_channel_process
 from channel_proc.status import run_status_actor
@@ -28,12 +27,10 @@ from channel_proc.webhook import delivery_id
 from ipc.codec import encode_payload
 from ipc.payloads import EventType, SessionEvent, VumiEvent, VumiMessage, api_event
 from tests.channel_proc.support import WAIT, StatusInbox, wait_for, wait_for_length
-from tests.channel_proc.test_forwarder import assert_queue_copies, wait_dead_letters
+from tests.channel_proc.webhook_support import Forwarders, assert_queue_copies, wait_dead_letters
 from tests.fakes.webhook import DROP
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from ipc.broker import Broker
     from ipc.names import Namespace
     from ipc.settings import Settings
@@ -55,51 +52,16 @@ def timeline(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in entries if e.get("message_type") == "timeline"]
 
 
-@asynccontextmanager
-async def forwarding(
-    settings: Settings,
-    namespace: Namespace,
-    store: StateStore,
-    broker: Broker,
-    channel_id: str,
-    routes: Routes,
-    counters: Counters,
-    **overrides: Any,
-) -> AsyncIterator[None]:
-    """A Forwarder with fast retries and the given counters (and settings `overrides`),
-    stopped gracefully after."""
-    shutdown = Shutdown(grace=2.0)
-    async with httpx.AsyncClient(timeout=2.0) as http, trio.open_nursery() as nursery:
-        forwarder = Forwarder(
-            broker=broker,
-            store=store,
-            http=http,
-            namespace=namespace,
-            channel_id=channel_id,
-            routes=routes,
-            settings=settings.model_copy(update=overrides),
-            reporter=StatusInbox().reporter,
-            shutdown=shutdown,
-            retry_initial=0.01,
-            retry_cap=0.05,
-            counters=counters,
-        )
-        with trio.fail_after(WAIT):
-            await nursery.start(forwarder.run)
-        yield
-        shutdown.request("test block ended")
-
-
 @pytest.fixture
-def run(
+def forwarders(
     settings: Settings, namespace: Namespace, store: StateStore, broker: Broker, channel_id: str
-) -> Any:
-    return partial(forwarding, settings, namespace, store, broker, channel_id)
+) -> Forwarders:
+    return Forwarders(settings, namespace, store, broker, channel_id)
 
 
 @pytest.mark.slow
 async def test_mo_url_template_signature_delivery_id_and_timeline_per_attempt(
-    run: Any,
+    forwarders: Forwarders,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -114,7 +76,7 @@ async def test_mo_url_template_signature_delivery_id_and_timeline_per_attempt(
     template = "/mo/{channel_id}/{message_id}?from={from}&to={to}&s={session_event}&e={event_type}"
     counters = Counters()
     routes = Routes(mo_url=webhook.url(template), signing_secret=SECRET)
-    async with run(routes, counters):
+    async with forwarders(routes, counters=counters):
         with trio.fail_after(WAIT):
             await webhook.wait_for_requests(1, delivered_only=True)
         await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
@@ -151,7 +113,7 @@ async def test_mo_url_template_signature_delivery_id_and_timeline_per_attempt(
 
 
 async def test_event_url_template_signature_delivery_id_and_timeline_per_attempt(
-    run: Any,
+    forwarders: Forwarders,
     store: StateStore,
     broker: Broker,
     namespace: Namespace,
@@ -178,7 +140,7 @@ async def test_event_url_template_signature_delivery_id_and_timeline_per_attempt
         await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
     counters = Counters()
     # One at a time: the events and attempts are then stored strictly in queue order.
-    async with run(Routes(signing_secret=SECRET), counters, webhook_concurrency=1):
+    async with forwarders(Routes(signing_secret=SECRET), counters=counters, webhook_concurrency=1):
         with trio.fail_after(WAIT):
             await webhook.wait_for_requests(2, delivered_only=True)
     first, retried, second = webhook.requests
@@ -220,7 +182,7 @@ async def test_event_url_template_signature_delivery_id_and_timeline_per_attempt
 
 
 async def test_invalid_mo_url_template_dead_letters_and_keeps_running(
-    run: Any,
+    forwarders: Forwarders,
     settings: Settings,
     store: StateStore,
     broker: Broker,
@@ -234,7 +196,7 @@ async def test_invalid_mo_url_template_dead_letters_and_keeps_running(
         await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
     caplog.set_level(logging.INFO)
     counters = Counters()
-    async with run(Routes(mo_url=webhook.url("/mo/{msisdn}")), counters):
+    async with forwarders(Routes(mo_url=webhook.url("/mo/{msisdn}")), counters=counters):
         letters = await wait_dead_letters(store, channel_id, 2)
         await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
     bodies = [encode_payload(m) for m in messages]
@@ -250,7 +212,7 @@ async def test_invalid_mo_url_template_dead_letters_and_keeps_running(
 
 
 async def test_invalid_event_url_template_dead_letters_only_that_event(
-    run: Any,
+    forwarders: Forwarders,
     settings: Settings,
     store: StateStore,
     broker: Broker,
@@ -271,7 +233,7 @@ async def test_invalid_event_url_template_dead_letters_only_that_event(
         await store.put_outbound(channel_id, mid, {"to": "abc", "event_url": url}, 600)
         events[name] = VumiEvent(event_type=EventType.ACK, user_message_id=mid)
         await broker.publish(namespace.event_queue(channel_id), encode_payload(events[name]))
-    async with run(Routes(), Counters()):
+    async with forwarders(Routes()):
         with trio.fail_after(WAIT):
             (delivered,) = await webhook.wait_for_requests(1)
         letters = await wait_dead_letters(store, channel_id, 3)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import logging
 import tracemalloc
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -16,10 +15,11 @@ import trio
 from channel_proc.forwarder import Routes
 from channel_proc.logs import current_message_id
 from channel_proc.transports.base import StatusLevel
-from channel_proc.webhook import WebhookError, WebhookTarget, post_json
+from channel_proc.webhook import WebhookClient, WebhookError, WebhookTarget, post_json
 from ipc.codec import encode_payload
 from ipc.payloads import VumiMessage
-from tests.channel_proc.support import WAIT, StatusInbox, running_forwarder, wait_for_length
+from tests.channel_proc.support import WAIT, StatusInbox, wait_for_length
+from tests.channel_proc.webhook_support import Forwarders
 
 if TYPE_CHECKING:
     from ipc.broker import Broker
@@ -34,16 +34,8 @@ BIG = 10 * 1024 * 1024
 @pytest.fixture
 def forwarding(
     settings: Settings, namespace: Namespace, store: StateStore, broker: Broker, channel_id: str
-) -> Any:
-    """running_forwarder on this test's backend and channel."""
-    return partial(
-        running_forwarder,
-        settings=settings,
-        namespace=namespace,
-        store=store,
-        broker=broker,
-        channel_id=channel_id,
-    )
+) -> Forwarders:
+    return Forwarders(settings, namespace, store, broker, channel_id)
 
 
 async def queue_messages(
@@ -62,7 +54,11 @@ def contents(requests: list[RecordedRequest]) -> list[str]:
 
 
 async def test_forwarder_keeps_up_to_concurrency_posts_in_flight_in_queue_order(
-    forwarding: Any, channel_id: str, broker: Broker, namespace: Namespace, webhook: FakeWebhook
+    forwarding: Forwarders,
+    channel_id: str,
+    broker: Broker,
+    namespace: Namespace,
+    webhook: FakeWebhook,
 ) -> None:
     sent = await queue_messages(broker, namespace, channel_id, 10)
     webhook.hold()
@@ -82,7 +78,11 @@ async def test_forwarder_keeps_up_to_concurrency_posts_in_flight_in_queue_order(
 
 @pytest.mark.slow
 async def test_forwarder_outage_probes_with_one_delivery_and_keeps_the_order(
-    forwarding: Any, channel_id: str, broker: Broker, namespace: Namespace, webhook: FakeWebhook
+    forwarding: Forwarders,
+    channel_id: str,
+    broker: Broker,
+    namespace: Namespace,
+    webhook: FakeWebhook,
 ) -> None:
     sent = await queue_messages(broker, namespace, channel_id, 8)
     webhook.go_down(status=503)
@@ -112,7 +112,11 @@ async def test_forwarder_outage_probes_with_one_delivery_and_keeps_the_order(
 
 @pytest.mark.slow
 async def test_forwarder_with_concurrency_one_delivers_strictly_in_order(
-    forwarding: Any, channel_id: str, broker: Broker, namespace: Namespace, webhook: FakeWebhook
+    forwarding: Forwarders,
+    channel_id: str,
+    broker: Broker,
+    namespace: Namespace,
+    webhook: FakeWebhook,
 ) -> None:
     sent = await queue_messages(broker, namespace, channel_id, 6)
     webhook.fail_next(3, status=500)
@@ -125,7 +129,11 @@ async def test_forwarder_with_concurrency_one_delivers_strictly_in_order(
 
 
 async def test_forwarder_stop_drains_the_deliveries_in_flight(
-    forwarding: Any, channel_id: str, broker: Broker, namespace: Namespace, webhook: FakeWebhook
+    forwarding: Forwarders,
+    channel_id: str,
+    broker: Broker,
+    namespace: Namespace,
+    webhook: FakeWebhook,
 ) -> None:
     sent = await queue_messages(broker, namespace, channel_id, 3)
     webhook.hold()
@@ -143,7 +151,7 @@ async def test_forwarder_stop_drains_the_deliveries_in_flight(
 
 @pytest.mark.slow
 async def test_forwarder_oversized_2xx_answers_count_as_delivered(
-    forwarding: Any,
+    forwarding: Forwarders,
     channel_id: str,
     store: StateStore,
     broker: Broker,
@@ -169,12 +177,20 @@ async def test_forwarder_oversized_2xx_answers_count_as_delivered(
     assert "over 1000 bytes" in attempt["error"]
 
 
-async def test_post_json_reads_at_most_the_limit_of_a_large_answer(webhook: FakeWebhook) -> None:
+@pytest.mark.parametrize("client", ["webhook-client", "httpx-client"])
+async def test_post_json_reads_at_most_the_limit_of_a_large_answer(
+    webhook: FakeWebhook, client: str
+) -> None:
     webhook.answer_size = BIG
     target = WebhookTarget.parse(webhook.url())
+    http: httpx.AsyncClient
+    if client == "webhook-client":
+        http = WebhookClient(timeout=5.0, concurrency=1)
+    else:
+        http = httpx.AsyncClient()
     tracemalloc.start()
     try:
-        async with httpx.AsyncClient() as http:
+        async with http:
             small = await post_json(http, target, {}, max_response_bytes=BIG + 1)
             tracemalloc.reset_peak()
             cut = await post_json(http, target, {}, max_response_bytes=65536)
@@ -204,7 +220,11 @@ class _MessageIds(logging.Handler):
 
 
 async def test_forwarder_log_lines_name_the_message_being_handled(
-    forwarding: Any, broker: Broker, namespace: Namespace, channel_id: str, webhook: FakeWebhook
+    forwarding: Forwarders,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
 ) -> None:
     await queue_messages(broker, namespace, channel_id, 6)
     capture = _MessageIds()
