@@ -52,8 +52,9 @@ _ERRORS: dict[int, str] = {
     429: "The channel's outbound queue holds its queue_limit: retry after Retry-After seconds",
     500: "Unexpected failure (generic error); it is logged",
     503: (
-        "The state store, queue broker or supervisor is unavailable (or, for router changes,"
-        " another API worker's router change has held its lease for 30 s)"
+        "The state store, queue broker or supervisor is unavailable (or another API worker"
+        " has held the lease too long: its router change for 30 s, for router changes; its"
+        " channel create for 10 s, for channel creates)"
     ),
 }
 

@@ -19,7 +19,7 @@ import copy
 import logging
 import os
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -55,7 +55,6 @@ JsonObject = dict[str, Any]
 
 #: Keys the API owns in router and destination objects; never stored.
 RESERVED_KEYS = frozenset({"id", "status"})
-_LOCK_KEY = "junebug.routers_lock"
 #: The store lease serializing router changes across API workers (see routers_lock).
 LEASE_SCOPE: Final = "api:routers_lease"
 LEASE_KEY: Final = "lease"
@@ -112,49 +111,69 @@ class RoutersBusyError(ApiError):
     error_type = "RoutersBusy"
 
 
-@asynccontextmanager
-async def routers_lock() -> AsyncIterator[None]:
-    """Router changes run one at a time, in every API worker together: each checks what the
-    others write (one router per channel, one default destination) before writing.
+@dataclass(frozen=True, slots=True)
+class StoreLease:
+    """A lock every API worker shares: one entry in the store, under `scope`.
 
-    Within a worker a trio.Lock queues them; across workers a lease in the store
-    (kv_put_if_absent) does, released on exit. A worker that dies holding it blocks router
-    changes until LEASE_TTL passes (503 RoutersBusy meanwhile).
+    Holders in one worker queue on a trio.Lock; across workers they take the entry with
+    kv_put_if_absent (of racing workers exactly one wins) and drop it on exit. A worker that
+    dies holding it blocks the others until `ttl` passes; a holder that waits `wait` seconds
+    gets `busy` (a 503) and "Another API worker has been {doing} for {wait} s".
     """
-    local: trio.Lock = current_app.extensions.setdefault(_LOCK_KEY, trio.Lock())
-    store = state_store()
-    async with local:
-        token = uuid.uuid4().hex
-        await _take_lease(store, token)
+
+    scope: str
+    ttl: float
+    wait: float
+    busy: type[ApiError]
+    doing: str
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        local: trio.Lock = current_app.extensions.setdefault(
+            f"junebug.lease:{self.scope}", trio.Lock()
+        )
+        store = state_store()
+        async with local:
+            token = uuid.uuid4().hex
+            await self._take(store, token)
+            try:
+                yield
+            finally:
+                with trio.move_on_after(LEASE_RELEASE_GRACE, shield=True):
+                    await self._drop(store, token)
+
+    async def _take(self, store: StateStore, token: str) -> None:
+        deadline = trio.current_time() + self.wait
+        pause = LEASE_POLL_FIRST
+        while not await store.kv_put_if_absent(
+            self.scope, LEASE_KEY, {"token": token, "pid": os.getpid()}, self.ttl
+        ):
+            if trio.current_time() + pause > deadline:
+                raise self.busy(
+                    f"Another API worker has been {self.doing} for {self.wait:g} s; retry later"
+                )
+            await trio.sleep(pause)
+            pause = min(2 * pause, LEASE_POLL_MAX)
+
+    async def _drop(self, store: StateStore, token: str) -> None:
         try:
-            yield
-        finally:
-            with trio.move_on_after(LEASE_RELEASE_GRACE, shield=True):
-                await _drop_lease(store, token)
+            held = await store.kv_get(self.scope, LEASE_KEY)
+            # Only ours: a lease that outlived its ttl may have passed to another worker.
+            if held is not None and held.get("token") == token:
+                await store.kv_delete(self.scope, LEASE_KEY)
+        except StoreUnavailableError as exc:
+            log.warning("lease %s not released (it expires in %g s): %s", self.scope, self.ttl, exc)
 
 
-async def _take_lease(store: StateStore, token: str) -> None:
-    deadline = trio.current_time() + LEASE_WAIT
-    pause = LEASE_POLL_FIRST
-    while not await store.kv_put_if_absent(
-        LEASE_SCOPE, LEASE_KEY, {"token": token, "pid": os.getpid()}, LEASE_TTL
-    ):
-        if trio.current_time() + pause > deadline:
-            raise RoutersBusyError(
-                f"Another API worker has been changing routers for {LEASE_WAIT:g} s; retry later"
-            )
-        await trio.sleep(pause)
-        pause = min(2 * pause, LEASE_POLL_MAX)
+_ROUTERS_LEASE: Final = StoreLease(
+    LEASE_SCOPE, ttl=LEASE_TTL, wait=LEASE_WAIT, busy=RoutersBusyError, doing="changing routers"
+)
 
 
-async def _drop_lease(store: StateStore, token: str) -> None:
-    try:
-        held = await store.kv_get(LEASE_SCOPE, LEASE_KEY)
-        # Only ours: a lease that outlived LEASE_TTL may have passed to another worker.
-        if held is not None and held.get("token") == token:
-            await store.kv_delete(LEASE_SCOPE, LEASE_KEY)
-    except StoreUnavailableError as exc:
-        log.warning("router lease not released (it expires in %g s): %s", LEASE_TTL, exc)
+def routers_lock() -> AbstractAsyncContextManager[None]:
+    """Router changes run one at a time, in every API worker together: each checks what the
+    others write (one router per channel, one default destination) before writing."""
+    return _ROUTERS_LEASE.hold()
 
 
 # --- storage ------------------------------------------------------------------------------

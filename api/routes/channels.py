@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
-import trio
-from quart import Blueprint, current_app
+from quart import Blueprint
 
 from api import lifecycle
 from api.channel_object import channel_object, has_destination, stored_properties
 from api.deps import api_context, queue_broker, state_store
 from api.errors import (
+    ApiError,
     ApiUsageError,
     ChannelLimitError,
     ChannelNotFoundError,
@@ -20,7 +20,7 @@ from api.errors import (
     envelope,
 )
 from api.queue_control import queue_snapshot
-from api.routers import router_of_channel
+from api.routers import StoreLease, router_of_channel
 from api.routes.body import read_body
 from api.schemas import CHANNEL_CREATE_VALIDATOR, CHANNEL_MODIFY_VALIDATOR
 from api.templates import check_channel_templates
@@ -67,21 +67,28 @@ async def _check(context: ApiContext, properties: JsonObject) -> None:
         )
 
 
-_CREATE_LOCK_KEY = "junebug.channel_create_lock"
+class ChannelsBusyError(ApiError):
+    status = 503
+    description = "channels busy"
+    error_type = "ChannelsBusy"
 
 
-def _create_lock() -> trio.Lock:
-    """Creates in one worker count and save one at a time, so two cannot both take the last
-    place. Workers do not share it: with --api-workers N the limit may be passed by N - 1."""
-    lock: trio.Lock = current_app.extensions.setdefault(_CREATE_LOCK_KEY, trio.Lock())
-    return lock
+#: Creates count and save one at a time in every API worker together, so that two cannot
+#: both take the last place. That takes milliseconds: a lease 30 s old is a dead worker's.
+CREATE_LEASE: Final = StoreLease(
+    "api:channel_create_lease",
+    ttl=30.0,
+    wait=10.0,
+    busy=ChannelsBusyError,
+    doing="creating a channel",
+)
 
 
 async def _save_new_channel(context: ApiContext, properties: JsonObject) -> str:
     """Save a new channel unless max_channels exist already (409)."""
     store = state_store()
     limit = context.settings.max_channels
-    async with _create_lock():
+    async with CREATE_LEASE.hold():
         count = len(await store.list_channels())
         if count >= limit:
             raise ChannelLimitError(

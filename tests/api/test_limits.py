@@ -4,6 +4,7 @@ undecodable or pathological JSON, odd query strings. Never a 500, never a hang."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -13,6 +14,9 @@ from trio.testing import wait_all_tasks_blocked
 
 from api.app import MAX_BODY_SIZE
 from api.main import MAX_REQUEST_HEAD
+from api.routers import LEASE_KEY
+from api.routes import channels
+from api.routes.channels import CREATE_LEASE
 from api.schemas import MAX_NESTING
 from tests.api.harness import open_api, serve_api
 
@@ -99,7 +103,7 @@ async def _exchange(live: LiveApi, request: bytes) -> tuple[int, bytes]:
         stream = await trio.open_tcp_stream("127.0.0.1", live.port)
         async with stream:
             await stream.send_all(request)
-            response = await _read_response(stream)
+            response = await read_response(stream)
             assert response is not None
             assert await stream.receive_some(65536) == b""
     return response
@@ -282,7 +286,7 @@ async def test_answer_before_the_body_arrived_never_strands_the_connection(
         stream = await trio.open_tcp_stream("127.0.0.1", live.port)
         async with stream:
             await stream.send_all(head)
-            first = await _read_response(stream)
+            first = await read_response(stream)
             assert first is not None
             # The server runs in this trio run: let it finish with the answer, then the body.
             await wait_all_tasks_blocked()
@@ -292,11 +296,11 @@ async def test_answer_before_the_body_arrived_never_strands_the_connection(
                 await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             except trio.BrokenResourceError:
                 return  # closed: the client opens a new connection
-            second = await _read_response(stream)
+            second = await read_response(stream)
     assert second is None or second[0] == 200
 
 
-async def _read_response(stream: trio.SocketStream) -> tuple[int, bytes] | None:
+async def read_response(stream: trio.SocketStream) -> tuple[int, bytes] | None:
     """One response, or None when the server closed the connection first."""
     received = bytearray()
     while (response := _complete_response(bytes(received))) is None:
@@ -313,6 +317,30 @@ async def _read_response(stream: trio.SocketStream) -> tuple[int, bytes] | None:
 # --- number of channels (max_channels) ----------------------------------------------------
 
 CHANNEL_LIMIT = 3
+FAKE_CHANNEL: JsonObject = {"type": "fake", "config": {"host": "h"}}
+
+
+def limit_reached(limit: int) -> JsonObject:
+    """The documented 409 body of a create refused at `limit` channels."""
+    return {
+        "status": 409,
+        "code": "Conflict",
+        "description": "too many channels",
+        "result": {
+            "errors": [
+                {
+                    "type": "ChannelLimitReached",
+                    "message": f"this gateway has {limit} channels and allows at most {limit} "
+                    "(max_channels): delete one, or raise --max-channels",
+                }
+            ]
+        },
+    }
+
+
+async def create_into(api: Api, statuses: list[int]) -> None:
+    """Create a channel; add the answer's status to `statuses`."""
+    statuses.append((await api.client.post("/channels/", json=FAKE_CHANNEL)).status_code)
 
 
 @pytest.fixture
@@ -325,24 +353,10 @@ async def limited(settings: Settings, socket_dir: Path) -> AsyncIterator[Api]:
 
 async def test_channel_past_the_limit_is_409_and_saves_nothing(limited: Api) -> None:
     created = [await limited.create_channel() for _ in range(CHANNEL_LIMIT)]
-    body = {"type": "fake", "config": {"host": "h"}}
-    response = await limited.client.post("/channels/", json=body)
+    response = await limited.client.post("/channels/", json=FAKE_CHANNEL)
     payload = await response.get_json()
     assert response.status_code == 409
-    assert payload == {
-        "status": 409,
-        "code": "Conflict",
-        "description": "too many channels",
-        "result": {
-            "errors": [
-                {
-                    "type": "ChannelLimitReached",
-                    "message": f"this gateway has {CHANNEL_LIMIT} channels and allows at most "
-                    f"{CHANNEL_LIMIT} (max_channels): delete one, or raise --max-channels",
-                }
-            ]
-        },
-    }
+    assert payload == limit_reached(CHANNEL_LIMIT)
     assert sorted(await limited.store.list_channels()) == sorted(created)
     assert len(limited.supervisor.lifecycle()) == CHANNEL_LIMIT
     # A place freed is a place taken.
@@ -353,18 +367,53 @@ async def test_channel_past_the_limit_is_409_and_saves_nothing(limited: Api) -> 
 
 async def test_concurrent_creates_never_pass_the_limit(limited: Api) -> None:
     statuses: list[int] = []
-
-    async def create() -> None:
-        response = await limited.client.post(
-            "/channels/", json={"type": "fake", "config": {"host": "h"}}
-        )
-        statuses.append(response.status_code)
-
     async with trio.open_nursery() as nursery:
         for _ in range(CHANNEL_LIMIT + 7):
-            nursery.start_soon(create)
+            nursery.start_soon(create_into, limited, statuses)
     assert sorted(statuses) == [201] * CHANNEL_LIMIT + [409] * 7
     assert len(await limited.store.list_channels()) == CHANNEL_LIMIT
+
+
+async def test_create_waits_for_another_workers_create(limited: Api) -> None:
+    """Creates count and save under a lease in the store that every API worker shares: while
+    another worker holds it, a create waits, and goes on once it is dropped."""
+    store = limited.store
+    assert await store.kv_put_if_absent(CREATE_LEASE.scope, LEASE_KEY, {"token": "other"}, 60)
+    statuses: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(create_into, limited, statuses)
+        await trio.sleep(0.3)
+        assert statuses == []
+        assert await store.list_channels() == []
+        assert await store.kv_delete(CREATE_LEASE.scope, LEASE_KEY)
+    assert statuses == [201]
+    assert await store.kv_get(CREATE_LEASE.scope, LEASE_KEY) is None
+
+
+async def test_create_behind_a_lease_never_dropped_is_503(
+    limited: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that died holding the lease: creates wait `wait` seconds, then 503 (the
+    lease expires after its ttl)."""
+    monkeypatch.setattr(channels, "CREATE_LEASE", replace(CREATE_LEASE, wait=0.2))
+    assert await limited.store.kv_put_if_absent(CREATE_LEASE.scope, LEASE_KEY, {"token": "x"}, 60)
+    response = await limited.client.post("/channels/", json=FAKE_CHANNEL)
+    assert response.status_code == 503
+    assert await response.get_json() == {
+        "status": 503,
+        "code": "Service Unavailable",
+        "description": "channels busy",
+        "result": {
+            "errors": [
+                {
+                    "type": "ChannelsBusy",
+                    "message": "Another API worker has been creating a channel for 0.2 s; "
+                    "retry later",
+                }
+            ]
+        },
+    }
+    assert await limited.store.list_channels() == []
 
 
 async def test_modifying_a_channel_at_the_limit_is_allowed(limited: Api) -> None:

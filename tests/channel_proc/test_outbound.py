@@ -4,56 +4,42 @@ a gated fake for the window (sends in flight at once), and the smpp transport + 
 from __future__ import annotations
 
 from collections import deque
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 import trio
 import trio.testing
-from pydantic import BaseModel
 
-from channel_proc.backoff import Backoff
 from channel_proc.deadletter import dead_letter_queue
 from channel_proc.lifecycle import Shutdown
-from channel_proc.outbound import OutboundActor
-from channel_proc.transports.base import SendReceipt, Transport
+from channel_proc.transports.base import SendReceipt
 from channel_proc.transports.errors import ConnectionFailed, ProviderRejected, SendError
 from channel_proc.transports.smpp import SmppConfig, SmppTransport
 from channel_proc.transports.telnet import TelnetConfig, TelnetTransport
 from ipc.broker import MAX_PRIORITY
-from ipc.codec import decode_vumi_event, encode_payload
+from ipc.codec import decode_vumi_event
 from ipc.payloads import EventType, VumiMessage
+from tests.channel_proc.outbound_support import FakeProvider, publish_outbound, running_outbound
 from tests.channel_proc.support import WAIT, drain_queue, wait_for, wait_for_length
 from tests.channel_proc.transports.harness import MemoryLink
 from tests.fakes.fake_smsc import SubmitAnswer, open_fake_smsc, smpp_config
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from ipc.broker import Broker
     from ipc.names import Namespace
 
 
-class FlakyConfig(BaseModel):
-    name: str = "flaky"
-
-
-class FlakyTransport(Transport[FlakyConfig]):
+class FlakyTransport(FakeProvider):
     """A provider double: raises the scripted SendErrors first, then accepts."""
 
     kind: ClassVar[str] = "flaky"
-    config_type = FlakyConfig
 
     def __init__(self, errors: list[SendError]) -> None:
-        super().__init__(FlakyConfig(), MemoryLink())
+        super().__init__()
         self.errors = deque(errors)
         self.attempts: list[str] = []
         self.accepted: list[str] = []
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         self.attempts.append(msg.message_id)
@@ -61,36 +47,6 @@ class FlakyTransport(Transport[FlakyConfig]):
             raise self.errors.popleft()
         self.accepted.append(msg.message_id)
         return SendReceipt(provider_message_id=f"provider-{msg.message_id}")
-
-
-@asynccontextmanager
-async def running_outbound(
-    broker: Broker, namespace: Namespace, channel_id: str, transport: Transport[Any]
-) -> AsyncIterator[Shutdown]:
-    """Run the actor for the block; afterwards a stop is requested and in-flight sends get
-    the grace."""
-    shutdown = Shutdown(grace=2.0)
-    actor = OutboundActor(
-        broker=broker,
-        namespace=namespace,
-        channel_id=channel_id,
-        transport=transport,
-        shutdown=shutdown,
-        retry=Backoff(initial=0.01, cap=0.02),
-    )
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(WAIT):
-            await nursery.start(actor.run)
-        yield shutdown
-        shutdown.request("test block ended")
-
-
-async def publish_outbound(
-    broker: Broker, namespace: Namespace, channel_id: str, msg: VumiMessage, priority: int = 1
-) -> None:
-    queue = namespace.outbound_queue(channel_id)
-    await broker.declare_queue(queue, max_priority=MAX_PRIORITY)
-    await broker.publish(queue, encode_payload(msg), priority=priority)
 
 
 async def test_outbound_sends_to_telnet_client_and_acks(
@@ -228,14 +184,13 @@ class GatedCall:
         self.settled.set()
 
 
-class GatedTransport(Transport[FlakyConfig]):
+class GatedTransport(FakeProvider):
     """A provider double with a window: every call waits for the test to settle it."""
 
     kind: ClassVar[str] = "gated"
-    config_type = FlakyConfig
 
     def __init__(self, window: int) -> None:
-        super().__init__(FlakyConfig(), MemoryLink())
+        super().__init__()
         self.window = window
         self.calls: list[GatedCall] = []
         self.busy = 0
@@ -244,10 +199,6 @@ class GatedTransport(Transport[FlakyConfig]):
     @property
     def max_in_flight(self) -> int:
         return self.window
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         # Recorded before the first checkpoint: the order of the calls themselves.
@@ -384,10 +335,10 @@ async def test_stop_with_sends_in_the_window_leaves_them_queued(
     await publish_contents(broker, namespace, channel_id, [f"m{n}" for n in range(5)])
     transport = GatedTransport(window=3)
     queue = namespace.outbound_queue(channel_id)
-    async with running_outbound(broker, namespace, channel_id, transport) as shutdown:
+    async with running_outbound(broker, namespace, channel_id, transport) as running:
         await transport.wait_calls(3)
         # A second signal: what is in flight is abandoned, as in a crash.
-        shutdown.hurry()
+        running.shutdown.hurry()
     assert await broker.queue_length(queue) == 5
     assert await broker.queue_length(namespace.event_queue(channel_id)) == 0
 

@@ -10,17 +10,14 @@ from typing import TYPE_CHECKING, ClassVar
 import pytest
 import trio
 
-from channel_proc.backoff import Backoff
 from channel_proc.control_state import SEND_CRASHED, send_attempts_scope
 from channel_proc.deadletter import dead_letter_queue
-from channel_proc.lifecycle import Shutdown
-from channel_proc.outbound import MAX_SEND_CRASHES, OutboundActor
-from channel_proc.transports.base import SendReceipt, Transport
+from channel_proc.outbound import MAX_SEND_CRASHES
+from channel_proc.transports.base import SendReceipt
 from ipc.codec import decode_vumi_event, decode_vumi_message
 from ipc.payloads import EventType, VumiMessage
+from tests.channel_proc.outbound_support import FakeProvider, publish_outbound, running_outbound
 from tests.channel_proc.support import WAIT, drain_queue
-from tests.channel_proc.test_outbound import FlakyConfig, publish_outbound
-from tests.channel_proc.transports.harness import MemoryLink
 
 if TYPE_CHECKING:
     from ipc.broker import Broker
@@ -34,15 +31,14 @@ class PoisonError(Exception):
     """What a provider library might raise on input it cannot handle."""
 
 
-class PoisonTransport(Transport[FlakyConfig]):
+class PoisonTransport(FakeProvider):
     """Accepts everything but POISON, whose send raises an unexpected error; each send takes
     `delay` seconds (the poison one half of it), so with a window others are in flight."""
 
     kind: ClassVar[str] = "poison"
-    config_type = FlakyConfig
 
     def __init__(self, *, window: int = 1, delay: float = 0.0) -> None:
-        super().__init__(FlakyConfig(), MemoryLink())
+        super().__init__()
         self.window = window
         self.delay = delay
         self.sent: list[str] = []
@@ -51,10 +47,6 @@ class PoisonTransport(Transport[FlakyConfig]):
     @property
     def max_in_flight(self) -> int:
         return self.window
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         if msg.content == POISON:
@@ -77,25 +69,13 @@ async def run_until_settled(
     """Run the actor as restarted processes would (a fresh one after each crash) until
     `events` events are queued; returns the number of crashes."""
     crashes = 0
+    queue = namespace.event_queue(cid)
     for _ in range(MAX_SEND_CRASHES + 3):
-        shutdown = Shutdown(grace=2.0)
-        actor = OutboundActor(
-            broker=broker,
-            namespace=namespace,
-            channel_id=cid,
-            transport=transport,
-            shutdown=shutdown,
-            retry=Backoff(initial=0.01, cap=0.02),
-            store=store,
-        )
         try:
             with trio.fail_after(WAIT):
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(actor.run)
-                    queue = namespace.event_queue(cid)
+                async with running_outbound(broker, namespace, cid, transport, store=store):
                     while await broker.queue_length(queue) < events:  # noqa: ASYNC110
                         await trio.sleep(0.02)
-                    shutdown.request("settled")
             return crashes
         except* PoisonError:
             crashes += 1

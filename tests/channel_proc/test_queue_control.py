@@ -4,31 +4,29 @@ pause/cancel/expiry in the outbound actor, the rate limit, and the runtime snaps
 from __future__ import annotations
 
 import datetime as dt
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import pytest
 import trio
-from pydantic import BaseModel
 
-from channel_proc.backoff import Backoff
 from channel_proc.control_state import CANCELLED, EXPIRED, ControlState
 from channel_proc.counters import Counters
 from channel_proc.lifecycle import Shutdown
 from channel_proc.metrics import METRICS_KEY, QUEUES_KEY, RuntimeSnapshots, SendRate
-from channel_proc.outbound import OutboundActor, RateLimiter
-from channel_proc.transports.base import SendReceipt, Transport
-from ipc.broker import MAX_PRIORITY
-from ipc.codec import decode_vumi_event, encode_payload
+from channel_proc.outbound import RateLimiter
+from channel_proc.transports.base import SendReceipt
+from ipc.codec import decode_vumi_event
 from ipc.names import cancelled_scope, control_scope, runtime_scope
 from ipc.payloads import EventType, VumiMessage, vumi_timestamp
+from tests.channel_proc.outbound_support import (
+    FakeProvider,
+    publish_outbound,
+    running_outbound,
+)
 from tests.channel_proc.support import WAIT, drain_queue, wait_for
-from tests.channel_proc.transports.harness import MemoryLink
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from ipc.broker import Broker
     from ipc.names import Namespace
     from ipc.state import StateStore
@@ -41,24 +39,15 @@ class PartsReceipt(SendReceipt):
     parts: int = 1
 
 
-class RecordingConfig(BaseModel):
-    name: str = "recording"
-
-
-class RecordingTransport(Transport[RecordingConfig]):
+class RecordingTransport(FakeProvider):
     """A provider double that accepts everything and records when; `parts` per message."""
 
     kind: ClassVar[str] = "recording"
-    config_type = RecordingConfig
 
     def __init__(self, parts: int | None = None) -> None:
-        super().__init__(RecordingConfig(), MemoryLink())
+        super().__init__()
         self.sent: list[tuple[str, float]] = []
         self.parts = parts
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         self.sent.append((msg.message_id, trio.current_time()))
@@ -69,37 +58,6 @@ class RecordingTransport(Transport[RecordingConfig]):
 
 def ago(seconds: float) -> str:
     return vumi_timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds))
-
-
-async def publish(broker: Broker, namespace: Namespace, cid: str, msg: VumiMessage) -> None:
-    queue = namespace.outbound_queue(cid)
-    await broker.declare_queue(queue, max_priority=MAX_PRIORITY)
-    await broker.publish(queue, encode_payload(msg))
-
-
-@asynccontextmanager
-async def running(
-    broker: Broker,
-    namespace: Namespace,
-    cid: str,
-    transport: Transport[Any],
-    **extra: Any,
-) -> AsyncIterator[OutboundActor]:
-    shutdown = Shutdown(grace=2.0)
-    actor = OutboundActor(
-        broker=broker,
-        namespace=namespace,
-        channel_id=cid,
-        transport=transport,
-        shutdown=shutdown,
-        retry=Backoff(initial=0.01, cap=0.02),
-        **extra,
-    )
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(WAIT):
-            await nursery.start(actor.run)
-        yield actor
-        shutdown.request("test block ended")
 
 
 # --- control records ----------------------------------------------------------------------
@@ -156,10 +114,10 @@ async def test_cancelled_and_expired_messages_are_nacked_not_sent(
         control_scope(channel_id), "state", {"paused": False, "cancel_before": ago(30)}
     )
     for msg in (cancelled, before, expired, good):
-        await publish(broker, namespace, channel_id, msg)
+        await publish_outbound(broker, namespace, channel_id, msg)
     transport = RecordingTransport()
     control = ControlState(store, channel_id)
-    async with running(broker, namespace, channel_id, transport, control=control):
+    async with running_outbound(broker, namespace, channel_id, transport, control=control):
         bodies = await drain_queue(broker, namespace.event_queue(channel_id), 4)
     events = {e.user_message_id: e for e in map(decode_vumi_event, bodies)}
     assert [mid for mid, _ in transport.sent] == [good.message_id]
@@ -176,10 +134,10 @@ async def test_paused_channel_keeps_messages_queued_until_resumed(
 ) -> None:
     await store.kv_put(control_scope(channel_id), "state", {"paused": True})
     msg = VumiMessage(to_addr="+1", content="wait")
-    await publish(broker, namespace, channel_id, msg)
+    await publish_outbound(broker, namespace, channel_id, msg)
     transport = RecordingTransport()
     control = ControlState(store, channel_id, interval=0.05)
-    async with running(broker, namespace, channel_id, transport, control=control):
+    async with running_outbound(broker, namespace, channel_id, transport, control=control):
         # Unpaused, the send takes milliseconds; paused, nothing comes in this long.
         with trio.move_on_after(0.3) as scope:
             await drain_queue(broker, namespace.event_queue(channel_id), 1)
@@ -215,9 +173,11 @@ async def test_outbound_rate_limit_spaces_sends(
 ) -> None:
     msgs = [VumiMessage(to_addr="+1", content=str(i)) for i in range(4)]
     for msg in msgs:
-        await publish(broker, namespace, channel_id, msg)
+        await publish_outbound(broker, namespace, channel_id, msg)
     transport = RecordingTransport()
-    async with running(broker, namespace, channel_id, transport, rate_limit=RateLimiter(2, 0.4)):
+    async with running_outbound(
+        broker, namespace, channel_id, transport, rate_limit=RateLimiter(2, 0.4)
+    ):
         await drain_queue(broker, namespace.event_queue(channel_id), 4)
     times = [t for _, t in transport.sent]
     assert len(times) == 4
@@ -252,16 +212,18 @@ async def test_outbound_counts_sends_and_snapshots_are_written(
     )
     await snapshots.restore()
     for i in range(3):
-        await publish(broker, namespace, channel_id, VumiMessage(to_addr="+1", content=str(i)))
+        await publish_outbound(
+            broker, namespace, channel_id, VumiMessage(to_addr="+1", content=str(i))
+        )
     queues = await snapshots.queues()
     assert queues["outbound"] == 3
     assert queues["paused"] is False
     assert queues["drain_seconds"] is None  # nothing sent yet: no rate to estimate from
-    async with running(
+    async with running_outbound(
         broker, namespace, channel_id, transport, counters=counters, send_rate=rate
-    ) as actor:
+    ) as running:
         await drain_queue(broker, namespace.event_queue(channel_id), 3)
-        assert actor.oldest_outbound_age() is None
+        assert running.actor.oldest_outbound_age() is None
     assert counters.value("messages_out_total") == 8
     assert counters.value("parts_out_total") == 13
     assert rate.rate() > 0

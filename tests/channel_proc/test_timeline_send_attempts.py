@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from api.timeline import split_entries
-from channel_proc.backoff import Backoff
-from channel_proc.lifecycle import Shutdown
 from channel_proc.logs import ChannelLogHandler, JsonLineFormatter, Redactor
-from channel_proc.outbound import TIMELINE_STAGE, OutboundActor
-from channel_proc.transports.base import SendReceipt, Transport
+from channel_proc.outbound import TIMELINE_STAGE
+from channel_proc.transports.base import SendReceipt
 from channel_proc.transports.errors import (
     ConnectionFailed,
     ProviderRejected,
@@ -24,47 +21,34 @@ from channel_proc.transports.errors import (
     SendError,
 )
 from ipc.payloads import EventType, VumiMessage
+from tests.channel_proc.outbound_support import FakeProvider, publish_outbound, running_outbound
 from tests.channel_proc.support import WAIT, drain_queue, wait_for
-from tests.channel_proc.test_outbound import FlakyConfig, FlakyTransport, publish_outbound
-from tests.channel_proc.transports.harness import MemoryLink
+from tests.channel_proc.test_outbound import FlakyTransport
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
+    from channel_proc.transports.base import Transport
     from ipc.broker import Broker
     from ipc.names import Namespace
     from ipc.state import StateStore
+    from tests.channel_proc.outbound_support import RunningOutbound
 
 JsonObject = dict[str, Any]
 TTL = 3600.0
 transport_log = logging.getLogger("tests.timeline.transport")
 
 
-@asynccontextmanager
-async def running(
+def running(
     broker: Broker,
     namespace: Namespace,
     cid: str,
     transport: Transport[Any],
     store: StateStore,
-) -> AsyncIterator[None]:
-    shutdown = Shutdown(grace=2.0)
-    actor = OutboundActor(
-        broker=broker,
-        namespace=namespace,
-        channel_id=cid,
-        transport=transport,
-        shutdown=shutdown,
-        retry=Backoff(initial=0.01, cap=0.02),
-        store=store,
-        record_ttl=TTL,
-    )
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(WAIT):
-            await nursery.start(actor.run)
-        yield
-        shutdown.request("test block ended")
+) -> AbstractAsyncContextManager[RunningOutbound]:
+    """The actor, keeping its records (and so the timeline) in `store`."""
+    return running_outbound(broker, namespace, cid, transport, store=store, record_ttl=TTL)
 
 
 async def attempts_of(store: StateStore, cid: str, message_id: str, count: int) -> list[JsonObject]:
@@ -144,18 +128,10 @@ async def test_timeline_send_attempt_rejected(
     assert json.loads(body)["event_type"] == EventType.NACK
 
 
-class LoggingTransport(Transport[FlakyConfig]):
+class LoggingTransport(FakeProvider):
     """Logs while it sends (as a transport's own lines do), then accepts."""
 
     kind: ClassVar[str] = "logging"
-    config_type = FlakyConfig
-
-    def __init__(self) -> None:
-        super().__init__(FlakyConfig(), MemoryLink())
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
 
     async def send(self, msg: VumiMessage) -> SendReceipt:
         transport_log.info("submitting %s", msg.content)
