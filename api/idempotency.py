@@ -62,9 +62,11 @@ def idempotency_scope(owner_id: str) -> str:
 
 def requested_key(body: JsonObject) -> str | None:
     """The request's key: header or body field (the same when both are given); 400 if bad."""
-    header = request.headers.get(HEADER)
+    # getlist: a missing header costs get() a KeyError, and few sends carry one.
+    headers = request.headers.getlist(HEADER)
     field = body.get(BODY_FIELD)
-    if header is not None:
+    if headers:
+        header = headers[0]
         if not header or len(header) > MAX_KEY_LENGTH:
             raise ApiUsageError(f"{HEADER} must be 1 to {MAX_KEY_LENGTH} characters long")
         if field is not None and field != header:

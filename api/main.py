@@ -19,6 +19,7 @@ from hypercorn.trio import serve
 from hypercorn.utils import LifespanFailureError
 
 from api.app import JunebugApp, create_app
+from api.asgi import install_coalescing_h11
 from api.deps import EXTENSION_KEY, ApiContext
 from api.supervisor_link import SupervisorLink
 from ipc.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
@@ -48,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def hypercorn_config(bind: str, settings: Settings) -> HypercornConfig:
-    """How every API worker serves: timeouts, request-head limit, logging."""
+    """How every API worker serves: timeouts, request-head limit, logging, and HTTP/1.1
+    responses in one write (api.asgi.CoalescingH11Protocol)."""
+    install_coalescing_h11()
     config = HypercornConfig()
     config.bind = [bind]
     # Finish in-flight requests before the supervisor's own grace period ends in SIGKILL.

@@ -18,13 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ipc.names import new_message_id
 from ipc.payloads import VumiEvent, api_event, vumi_timestamp
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from ipc.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +39,6 @@ def timeline_entry(stage: str, details: JsonObject) -> JsonObject:
         "stage": stage,
         "details": details,
     }
-
-
-async def record_stage(
-    store: StateStore,
-    owners: Iterable[str],
-    message_id: str,
-    stage: str,
-    details: JsonObject,
-    ttl: float,
-) -> None:
-    """Add one timeline entry to the message's record under each owner."""
-    entry = timeline_entry(stage, details)
-    entry_id = new_message_id()
-    for owner in owners:
-        await store.add_event(owner, message_id, entry_id, entry, ttl)
 
 
 def _event_stage(event: VumiEvent, rendered: JsonObject) -> JsonObject:

@@ -23,6 +23,31 @@ JsonObject = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
+class RateCount:
+    """One count for StateStore.incr_rate: `owner_id:label:bucket`, expiring after ttl."""
+
+    owner_id: str
+    label: str
+    bucket: int
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundWrites:
+    """One step of a send, for StateStore.write_outbound: under each owner, the send record
+    (as put_outbound) and then one entry of its event list (as add_event), then each count
+    (as incr_rate). `record`, `entry` and `rates` may each be left out."""
+
+    message_id: str
+    owners: tuple[str, ...]
+    ttl: float
+    record: JsonObject | None = None
+    #: (event_id, event)
+    entry: tuple[str, JsonObject] | None = None
+    rates: tuple[RateCount, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundRecord:
     """What is stored for an outbound message: the send record and its events, oldest first."""
 
@@ -92,6 +117,15 @@ class StateStore(abc.ABC):
         self, channel_id: str, message_id: str, ttl: float
     ) -> OutboundRecord | None:
         """The record and its events (ordered by insertion), None when nothing is stored."""
+
+    @abc.abstractmethod
+    async def write_outbound(self, writes: OutboundWrites) -> None:
+        """Apply `writes` in one transaction (one round trip): the same outcome as
+        put_outbound(owner, message_id, record, ttl) then add_event(owner, message_id,
+        *entry, ttl) for each owner in turn, then incr_rate for each count.
+
+        The API's send path: a send costs two of these instead of one call per write.
+        """
 
     # --- rates ------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ipc.errors import StoreUnavailableError
-from ipc.state import JsonObject, OutboundRecord, StateStore
+from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -241,26 +241,51 @@ class RedisStateStore(StateStore):
         )
         return None if raw is None else json.loads(raw)
 
+    def _put_outbound(self, cid: str, mid: str, record: str, ttl_ms: int) -> list[Command]:
+        key, order = self._outbound_keys(cid, mid)
+        return [
+            ("HSET", key, "message", record),
+            ("PEXPIRE", key, ttl_ms),
+            ("PEXPIRE", order, ttl_ms),
+        ]
+
+    def _add_event(
+        self, cid: str, mid: str, event_id: str, event: str, ttl_ms: int
+    ) -> list[Command]:
+        key, order = self._outbound_keys(cid, mid)
+        return [
+            ("HSET", key, event_id, event),
+            ("RPUSH", order, event_id),
+            ("PEXPIRE", key, ttl_ms),
+            ("PEXPIRE", order, ttl_ms),
+        ]
+
     async def put_outbound(
         self, channel_id: str, message_id: str, record: JsonObject, ttl: float
     ) -> None:
-        key, order = self._outbound_keys(channel_id, message_id)
-        await self._execute(
-            ("HSET", key, "message", _dump(record)),
-            ("PEXPIRE", key, _ms(ttl)),
-            ("PEXPIRE", order, _ms(ttl)),
-        )
+        await self._execute(*self._put_outbound(channel_id, message_id, _dump(record), _ms(ttl)))
 
     async def add_event(
         self, channel_id: str, message_id: str, event_id: str, event: JsonObject, ttl: float
     ) -> None:
-        key, order = self._outbound_keys(channel_id, message_id)
         await self._execute(
-            ("HSET", key, event_id, _dump(event)),
-            ("RPUSH", order, event_id),
-            ("PEXPIRE", key, _ms(ttl)),
-            ("PEXPIRE", order, _ms(ttl)),
+            *self._add_event(channel_id, message_id, event_id, _dump(event), _ms(ttl))
         )
+
+    async def write_outbound(self, writes: OutboundWrites) -> None:
+        mid, ttl_ms = writes.message_id, _ms(writes.ttl)
+        record = None if writes.record is None else _dump(writes.record)
+        entry = None if writes.entry is None else (writes.entry[0], _dump(writes.entry[1]))
+        commands: list[Command] = []
+        for owner in writes.owners:
+            if record is not None:
+                commands += self._put_outbound(owner, mid, record, ttl_ms)
+            if entry is not None:
+                commands += self._add_event(owner, mid, *entry, ttl_ms)
+        for rate in writes.rates:
+            commands += self._incr_rate(rate)
+        if commands:
+            await self._execute(*commands)
 
     async def get_outbound(
         self, channel_id: str, message_id: str, ttl: float
@@ -290,9 +315,12 @@ class RedisStateStore(StateStore):
 
     # --- rates ------------------------------------------------------------------------
 
+    def _incr_rate(self, rate: RateCount) -> list[Command]:
+        key = self._key(rate.owner_id, rate.label, str(rate.bucket))
+        return [("INCR", key), ("PEXPIRE", key, _ms(rate.ttl))]
+
     async def incr_rate(self, owner_id: str, label: str, bucket: int, ttl: float) -> None:
-        key = self._key(owner_id, label, str(bucket))
-        await self._execute(("INCR", key), ("PEXPIRE", key, _ms(ttl)))
+        await self._execute(*self._incr_rate(RateCount(owner_id, label, bucket, ttl)))
 
     async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:
         if not labels:

@@ -17,7 +17,7 @@ import trio
 
 from ipc.errors import StoreUnavailableError
 from ipc.sqlite_inline import InlineRunner
-from ipc.state import JsonObject, OutboundRecord, StateStore
+from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -333,39 +333,82 @@ class SqliteStateStore(StateStore):
         # fetchall: a RETURNING statement left unfinished would block the COMMIT.
         return _load(rows[0][0]) if rows else None
 
+    def _put_outbound(
+        self, conn: sqlite3.Connection, cid: str, mid: str, record: str, expires: float, now: float
+    ) -> None:
+        self._drop_expired_outbound(conn, cid, mid, now)
+        conn.execute(
+            "INSERT INTO outbound VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+            " SET message=excluded.message, expires_at=excluded.expires_at",
+            (self._ns, cid, mid, record, expires),
+        )
+
+    def _add_event(
+        self,
+        conn: sqlite3.Connection,
+        cid: str,
+        mid: str,
+        event_id: str,
+        event: str,
+        expires: float,
+        now: float,
+        *,
+        record_live: bool = False,
+    ) -> None:
+        """`record_live`: this transaction has just written the record with `expires`, in
+        the future, so it needs neither the expiry check nor the refresh."""
+        if not record_live:
+            self._drop_expired_outbound(conn, cid, mid, now)
+            conn.execute(
+                "INSERT INTO outbound VALUES (?, ?, ?, NULL, ?) ON CONFLICT DO UPDATE"
+                " SET expires_at=excluded.expires_at",
+                (self._ns, cid, mid, expires),
+            )
+        # A redelivered event replaces its earlier copy and keeps its place.
+        conn.execute(
+            "INSERT INTO outbound_events (ns, channel_id, message_id, event_id, event)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET event=excluded.event",
+            (self._ns, cid, mid, event_id, event),
+        )
+
     async def put_outbound(
         self, channel_id: str, message_id: str, record: JsonObject, ttl: float
     ) -> None:
         now = time.time()
-
-        def run(conn: sqlite3.Connection) -> None:
-            self._drop_expired_outbound(conn, channel_id, message_id, now)
-            conn.execute(
-                "INSERT INTO outbound VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
-                " SET message=excluded.message, expires_at=excluded.expires_at",
-                (self._ns, channel_id, message_id, _dump(record), now + ttl),
-            )
-
-        await self._call(run, write=True)
+        raw = _dump(record)
+        await self._call(
+            lambda conn: self._put_outbound(conn, channel_id, message_id, raw, now + ttl, now),
+            write=True,
+        )
 
     async def add_event(
         self, channel_id: str, message_id: str, event_id: str, event: JsonObject, ttl: float
     ) -> None:
         now = time.time()
+        raw = _dump(event)
+        await self._call(
+            lambda conn: self._add_event(
+                conn, channel_id, message_id, event_id, raw, now + ttl, now
+            ),
+            write=True,
+        )
+
+    async def write_outbound(self, writes: OutboundWrites) -> None:
+        now = time.time()
+        mid, expires = writes.message_id, now + writes.ttl
+        # Serialized once, outside the transaction: every owner stores the same text.
+        record = None if writes.record is None else _dump(writes.record)
+        entry = None if writes.entry is None else (writes.entry[0], _dump(writes.entry[1]))
+        record_live = record is not None and expires > now
 
         def run(conn: sqlite3.Connection) -> None:
-            self._drop_expired_outbound(conn, channel_id, message_id, now)
-            conn.execute(
-                "INSERT INTO outbound VALUES (?, ?, ?, NULL, ?) ON CONFLICT DO UPDATE"
-                " SET expires_at=excluded.expires_at",
-                (self._ns, channel_id, message_id, now + ttl),
-            )
-            # A redelivered event replaces its earlier copy and keeps its place.
-            conn.execute(
-                "INSERT INTO outbound_events (ns, channel_id, message_id, event_id, event)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET event=excluded.event",
-                (self._ns, channel_id, message_id, event_id, _dump(event)),
-            )
+            for owner in writes.owners:
+                if record is not None:
+                    self._put_outbound(conn, owner, mid, record, expires, now)
+                if entry is not None:
+                    self._add_event(conn, owner, mid, *entry, expires, now, record_live=record_live)
+            for rate in writes.rates:
+                self._incr_rate(conn, rate, now)
 
         await self._call(run, write=True)
 
@@ -396,17 +439,18 @@ class SqliteStateStore(StateStore):
 
     # --- rates ------------------------------------------------------------------------
 
+    def _incr_rate(self, conn: sqlite3.Connection, rate: RateCount, now: float) -> None:
+        conn.execute(
+            "INSERT INTO rates VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT DO UPDATE"
+            " SET count=CASE WHEN expires_at<=? THEN 1 ELSE count+1 END,"
+            " expires_at=excluded.expires_at",
+            (self._ns, rate.owner_id, rate.label, rate.bucket, now + rate.ttl, now),
+        )
+
     async def incr_rate(self, owner_id: str, label: str, bucket: int, ttl: float) -> None:
         now = time.time()
-        await self._call(
-            lambda conn: conn.execute(
-                "INSERT INTO rates VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT DO UPDATE"
-                " SET count=CASE WHEN expires_at<=? THEN 1 ELSE count+1 END,"
-                " expires_at=excluded.expires_at",
-                (self._ns, owner_id, label, bucket, now + ttl, now),
-            ),
-            write=True,
-        )
+        rate = RateCount(owner_id, label, bucket, ttl)
+        await self._call(lambda conn: self._incr_rate(conn, rate, now), write=True)
 
     async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:
         now = time.time()

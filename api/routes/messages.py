@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint
 
 from api.channel_object import current_bucket, has_destination
-from api.deps import api_context, queue_broker, state_store
+from api.deps import api_context, state_store
 from api.errors import ApiUsageError, MessageNotFoundError, envelope
 from api.idempotency import idempotency_scope, requested_key, send_once
 from api.outbound import (
@@ -28,11 +29,13 @@ from api.routes.body import read_body
 from api.routes.channels import load_channel
 from api.schemas import MESSAGE_SEND_VALIDATOR
 from api.templates import check_template
-from api.timeline import record_stage, split_entries
+from api.timeline import split_entries, timeline_entry
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import encode_payload
 from ipc.errors import StoreUnavailableError
+from ipc.names import new_message_id
 from ipc.payloads import VumiMessage, api_message
+from ipc.state import OutboundWrites, RateCount
 
 if TYPE_CHECKING:
     from quart import Response
@@ -91,7 +94,7 @@ async def _build_message(context: ApiContext, target: SendTarget, body: JsonObje
     if reply_to is None:
         return plain_message(target.channel_id, body)
     for owner in target.reply_owners:
-        inbound = await state_store().get_inbound(
+        inbound = await context.state_store().get_inbound(
             owner, reply_to, context.settings.inbound_message_ttl
         )
         if inbound is not None:
@@ -104,7 +107,7 @@ async def _build_message(context: ApiContext, target: SendTarget, body: JsonObje
 async def _publish(
     context: ApiContext, channel_id: str, message: VumiMessage, priority: int
 ) -> None:
-    broker = queue_broker()
+    broker = context.queue_broker()
     queue = context.namespace.outbound_queue(channel_id)
     if queue not in context.declared_queues:
         await broker.declare_queue(queue, max_priority=MAX_PRIORITY)
@@ -112,15 +115,27 @@ async def _publish(
     await broker.publish(queue, encode_payload(message), priority=priority)
 
 
-async def _count_outbound(context: ApiContext, owner_id: str) -> None:
-    window = context.settings.metric_window
-    try:
-        await state_store().incr_rate(
-            owner_id, "outbound", current_bucket(window), math.ceil(2 * window)
-        )
-    except StoreUnavailableError as exc:
-        # The message is already queued; failing the request now would invite a duplicate.
-        log.warning("outbound rate of %s not counted: %s", owner_id, exc)
+#: event_urls up to this long are remembered once they pass the check (a bounded memory).
+_CACHED_URL_LENGTH = 2048
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_event_url(url: str, allowed_hosts: tuple[str, ...]) -> None:
+    # Only a URL that passes is cached (lru_cache keeps no exception): senders tend to
+    # give the same event_url every time, and parsing it is a measurable part of a send.
+    check_template("event_url", url, allowed_hosts)
+
+
+def check_event_url(context: ApiContext, body: JsonObject) -> None:
+    """400 when the send's event_url is not a valid callback URL template (api.templates)."""
+    url = body.get("event_url")
+    if not isinstance(url, str):
+        return
+    allowed_hosts = tuple(context.settings.webhook_allowed_hosts)
+    if len(url) > _CACHED_URL_LENGTH:
+        check_template("event_url", url, allowed_hosts)
+    else:
+        _checked_event_url(url, allowed_hosts)
 
 
 def check_addressed(body: JsonObject) -> None:
@@ -147,7 +162,7 @@ async def submit_message(context: ApiContext, target: SendTarget, body: JsonObje
         return Submitted(await _submit(context, target, body))
     scope = idempotency_scope(target.idempotency_owner)
     result, replayed = await send_once(
-        state_store(), scope, key, lambda: _submit(context, target, body)
+        context.state_store(), scope, key, lambda: _submit(context, target, body)
     )
     return Submitted(result, replayed=replayed)
 
@@ -161,19 +176,27 @@ async def _submit(context: ApiContext, target: SendTarget, body: JsonObject) -> 
     set_expiry(message, expires_at)
     priority = priority_of(body)
     channel_id = target.channel_id
-    store = state_store()
-    await check_queue_room(store, queue_broker(), context.namespace, channel_id, target.queue_limit)
+    store = context.state_store()
+    await check_queue_room(
+        store, context.queue_broker(), context.namespace, channel_id, target.queue_limit
+    )
     result = api_message(message, channel_id)
     record = {**outbound_record(body, result, priority), **target.record_extra}
     ttl = context.settings.outbound_message_ttl
     owners = (channel_id, *target.record_owners)
-    # Every copy is written before the message is queued: its first event may be quick.
-    for owner in owners:
-        await store.put_outbound(owner, message.message_id, record, ttl)
     accepted: JsonObject = {"priority": priority}
     if expires_at is not None:
         accepted["expires_at"] = expires_at
-    await record_stage(store, owners, message.message_id, "accepted", accepted, ttl)
+    # Every copy is written before the message is queued: its first event may be quick.
+    await store.write_outbound(
+        OutboundWrites(
+            message_id=message.message_id,
+            owners=owners,
+            ttl=ttl,
+            record=record,
+            entry=(new_message_id(), timeline_entry("accepted", accepted)),
+        )
+    )
     await _publish(context, channel_id, message, priority)
     await _after_publish(context, target, message.message_id, owners)
     log.debug(
@@ -186,19 +209,30 @@ async def _submit(context: ApiContext, target: SendTarget, body: JsonObject) -> 
 async def _after_publish(
     context: ApiContext, target: SendTarget, message_id: str, owners: tuple[str, ...]
 ) -> None:
-    ttl = context.settings.outbound_message_ttl
+    """The "queued" stage and the outbound rate counts, in one store transaction."""
+    settings = context.settings
+    window = settings.metric_window
+    bucket, rate_ttl = current_bucket(window), math.ceil(2 * window)
+    writes = OutboundWrites(
+        message_id=message_id,
+        owners=owners,
+        ttl=settings.outbound_message_ttl,
+        entry=(new_message_id(), timeline_entry("queued", {})),
+        rates=tuple(
+            RateCount(owner, "outbound", bucket, rate_ttl)
+            for owner in (target.channel_id, *target.rate_owners)
+        ),
+    )
     try:
-        await record_stage(state_store(), owners, message_id, "queued", {}, ttl)
+        await context.state_store().write_outbound(writes)
     except StoreUnavailableError as exc:
         # The message is already queued; failing the request now would invite a duplicate.
-        log.warning("queued stage of message %s not recorded: %s", message_id, exc)
-    for owner in (target.channel_id, *target.rate_owners):
-        await _count_outbound(context, owner)
+        log.warning("queued stage and rate of message %s not recorded: %s", message_id, exc)
 
 
 async def message_status_result(context: ApiContext, owner_id: str, message_id: str) -> JsonObject:
     """A sent message's events as recorded under `owner_id` (a channel or a destination)."""
-    record = await state_store().get_outbound(
+    record = await context.state_store().get_outbound(
         owner_id, message_id, context.settings.outbound_message_ttl
     )
     events, timeline = split_entries(record.events if record is not None else [], owner_id)
@@ -218,7 +252,7 @@ async def send_message(channel_id: str) -> Response:
     body = await read_body(MESSAGE_SEND_VALIDATOR)
     properties, router_id = await _channel_with_destination(channel_id)
     check_addressed(body)
-    check_template("event_url", body.get("event_url"))
+    check_event_url(context, body)
     target = SendTarget(
         channel_id=channel_id,
         reply_owners=(channel_id,),

@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from unittest.mock import patch
 
+import httpx
 import pytest
+import trio
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from jsonschema import Draft4Validator
+
+from api.errors import BodyValidationError
+from api.main import MAX_REQUEST_HEAD
+from api.schemas import (
+    CHANNEL_CREATE_VALIDATOR,
+    CHANNEL_MODIFY_VALIDATOR,
+    DESTINATION_CREATE_VALIDATOR,
+    DESTINATION_PATCH_VALIDATOR,
+    MESSAGE_SEND_VALIDATOR,
+    ROUTER_CREATE_VALIDATOR,
+    ROUTER_PATCH_VALIDATOR,
+    validate_body,
+)
+from tests.api.harness import serve_api
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ipc.settings import Settings
     from tests.api.harness import Api
 
 JsonObject = dict[str, Any]
@@ -334,3 +358,86 @@ async def test_modify_to_amqp_queue_refused_on_the_embedded_broker(http_api: Api
     assert status == 400
     assert payload["result"]["errors"][0]["type"] == "ApiUsageError"
     assert await http_api.store.get_channel(channel_id) == before
+
+
+# --- the send path's shortcuts (issue 4) ---------------------------------------------------------
+
+
+async def test_each_response_leaves_in_one_write(
+    embedded_settings: Settings, socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head and body in one write (api.asgi.CoalescingH11Protocol), on keep-alive and for
+    Hypercorn's own error answers; each response arrives whole."""
+    writes: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+
+    async with serve_api(embedded_settings, socket_dir) as live:
+
+        async def counting(self: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
+            if data and self.socket.getsockname()[1] == live.port:
+                writes.append(bytes(data))
+            await send_all(self, data)
+
+        monkeypatch.setattr(trio.SocketStream, "send_all", counting)
+        async with httpx.AsyncClient(base_url=live.base_url) as client:
+            for path, status in (("/health", 200), ("/nope", 404), ("/health/", 200)):
+                writes.clear()
+                response = await client.get(path)
+                assert response.status_code == status
+                assert response.json()["status"] == status
+                assert len(writes) == 1
+                assert writes[0].endswith(response.content)
+        # A request head over the limit: Hypercorn answers 431 itself, and closes.
+        writes.clear()
+        stream = await trio.open_tcp_stream("127.0.0.1", live.port)
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nx: " + b"a" * (MAX_REQUEST_HEAD + 1))
+            received = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some():
+                    received += chunk
+        assert received.startswith(b"HTTP/1.1 431 ")
+        assert writes == [received]
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=4,
+)
+_VALIDATORS = [
+    CHANNEL_CREATE_VALIDATOR,
+    CHANNEL_MODIFY_VALIDATOR,
+    MESSAGE_SEND_VALIDATOR,
+    ROUTER_CREATE_VALIDATOR,
+    ROUTER_PATCH_VALIDATOR,
+    DESTINATION_CREATE_VALIDATOR,
+    DESTINATION_PATCH_VALIDATOR,
+]
+
+
+def _bodies(validator: Draft4Validator) -> st.SearchStrategy[object]:
+    """Objects mostly of the schema's own property names (a stray one now and then)."""
+    schema = validator.schema
+    assert isinstance(schema, dict)
+    names = st.sampled_from([*schema["properties"], "extra"])
+    return st.dictionaries(names, _JSON_VALUES, max_size=6) | _JSON_VALUES
+
+
+@hypothesis_settings(max_examples=1000, deadline=None)
+@given(case=st.sampled_from(_VALIDATORS).flatmap(lambda v: st.tuples(st.just(v), _bodies(v))))
+def test_body_shortcut_never_passes_what_the_schema_refuses(
+    case: tuple[Draft4Validator, object],
+) -> None:
+    validator, body = case
+    try:
+        validate_body(validator, body)
+    except BodyValidationError:
+        return
+    assert list(validator.iter_errors(body)) == []
+
+
+def test_body_shortcut_takes_the_common_send() -> None:
+    body = {"to": "+27820000001", "from": None, "content": "hi", "event_url": "http://e/"}
+    with patch.object(Draft4Validator, "iter_errors", side_effect=AssertionError("slow path")):
+        assert validate_body(MESSAGE_SEND_VALIDATOR, body) is body
