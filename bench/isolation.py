@@ -4,7 +4,9 @@
         --seconds 30 [--flood-via api|queue] [--out results.json]
 
 The real gateway (tests/e2e/gateway.py) runs two smpp channels, A and B, each bound to its
-own SMSC simulator (bench/smsc_sim.py). Phase A: B alone is sent `--steady-rate` messages
+own SMSC simulator (bench/smsc_sim.py), each in its own OS process: A's simulator answers
+hundreds of submit_sm a second, and on this loop it would slow B's sender and the clock
+that measures B. Phase A: B alone is sent `--steady-rate` messages
 per second, open loop (each POST on its schedule, whatever the previous one is doing), for
 `--seconds`. Then A is paused and `--flood` messages are queued on it (concurrent POSTs, or
 `--flood-via queue`: published straight to its outbound queue, as the API would). Phase B:
@@ -36,7 +38,7 @@ from bench.broker import git_commit, machine
 from bench.cli import add_service_args, check_ranges, run_main
 from bench.recovery import settings_for
 from bench.smpp_load import Request, cpu_seconds, process_tree, send_all, service_pids
-from bench.smsc_sim import SUBMIT_SM, SmscSimulator, parse_submit
+from bench.smsc_sim import POLL_INTERVAL, SimulatorProcess
 from ipc.broker import MAX_PRIORITY, open_broker
 from ipc.codec import encode_payload
 from ipc.names import Namespace
@@ -52,20 +54,6 @@ READY_TIMEOUT: Final = 60.0
 #: How far B's phase-B figures may be from phase A's (the scenario's bound).
 TOLERANCE: Final = 0.10
 WARMUP: Final = 50
-
-
-class TimedSimulator(SmscSimulator):
-    """The simulator, noting when each short_message was first submitted (perf_counter)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.submitted_at: dict[bytes, float] = {}
-
-    def _handle(self, conn: Any, command: int, status: int, seq: int, body: bytes) -> bool:
-        if command == SUBMIT_SM:
-            _, text, _ = parse_submit(body)
-            self.submitted_at.setdefault(text, time.perf_counter())
-        return super()._handle(conn, command, status, seq, body)
 
 
 @dataclass
@@ -152,9 +140,7 @@ class SteadySender:
         return start, end, texts
 
 
-async def create_smpp_channel(
-    gateway: Gateway, sim: SmscSimulator, window: int, mo_url: str
-) -> str:
+async def create_smpp_channel(gateway: Gateway, smsc_port: int, window: int, mo_url: str) -> str:
     response = await gateway.request(
         "POST",
         "/channels/",
@@ -163,7 +149,7 @@ async def create_smpp_channel(
             # A channel needs somewhere for MO messages to go before it may send (none come).
             "mo_url": mo_url,
             "config": {
-                "twisted_endpoint": f"tcp:127.0.0.1:{sim.port}",
+                "twisted_endpoint": f"tcp:127.0.0.1:{smsc_port}",
                 "system_id": "bench",
                 "password": "pw",
                 "window": window,
@@ -190,8 +176,8 @@ class Rig:
     args: argparse.Namespace
     gateway: Gateway
     settings: Settings
-    sim_a: SmscSimulator
-    sim_b: TimedSimulator
+    sim_a: SimulatorProcess
+    sim_b: SimulatorProcess
     channel_a: str
     channel_b: str
     sender_b: SteadySender
@@ -213,22 +199,20 @@ class Rig:
         b0, _, gw0, svc0 = self.cpu()
         start, end, texts = await self.sender_b.run(args.steady_rate, args.seconds)
 
-        def all_in() -> bool:
-            return all(t in sim.submitted_at for t in texts if t in self.sender_b.accepted_after)
-
-        with trio.move_on_after(args.timeout):
-            await sim.wait_until(all_in)
-        b1, _, gw1, svc1 = self.cpu()
         accepted = [t for t in texts if t in self.sender_b.accepted_after]
-        seen = [sim.submitted_at[t] for t in accepted if t in sim.submitted_at]
+        submitted_at: dict[bytes, float] = {}
+        with trio.move_on_after(args.timeout):
+            while not all(t in submitted_at for t in accepted):
+                await trio.sleep(POLL_INTERVAL)
+                submitted_at = await sim.submitted_at()
+        b1, _, gw1, svc1 = self.cpu()
+        seen = [submitted_at[t] for t in accepted if t in submitted_at]
         in_window = [at for at in seen if start <= at < end]
         per_second = [0] * max(1, int(args.seconds))
         for at in in_window:
             per_second[min(int(at - start), len(per_second) - 1)] += 1
         latencies = [
-            sim.submitted_at[t] - self.sender_b.sent_at[t]
-            for t in accepted
-            if t in sim.submitted_at
+            submitted_at[t] - self.sender_b.sent_at[t] for t in accepted if t in submitted_at
         ]
         accepts = [self.sender_b.accepted_after[t] for t in accepted]
         return SteadyFigures(
@@ -292,15 +276,15 @@ class Rig:
         flood = FloodFigures(messages=args.flood, via=args.flood_via)
         await self.control("pause")
         await self.queue_flood(flood)
-        before = sim_a.stats.submits
+        before = (await sim_a.stats()).submits
         _, a0, _, _ = self.cpu()
         if args.a_mode == "drain":
             await self.control("resume")
             with trio.fail_after(READY_TIMEOUT):
-                await sim_a.wait_until(lambda: sim_a.stats.submits > before)
+                await sim_a.wait_until(lambda stats: stats.submits > before)
         resumed = time.perf_counter()
         steady = await self.steady_phase()
-        in_window = sim_a.stats.submits - before
+        in_window = (await sim_a.stats()).submits - before
         flood.sent_in_window = in_window
         flood.backlog_at_window_end = max(0, args.flood - in_window)
         if args.a_mode == "held":
@@ -308,13 +292,14 @@ class Rig:
             await self.control("resume")
             resumed = time.perf_counter()
         with trio.move_on_after(args.timeout):
-            await sim_a.wait_until(lambda: sim_a.stats.submits - before >= args.flood)
+            await sim_a.wait_until(lambda stats: stats.submits - before >= args.flood)
         _, a1, _, _ = self.cpu()
-        done = sim_a.stats.submits - before
+        stats = await sim_a.stats()
+        done = stats.submits - before
         flood.drained = done >= args.flood
-        flood.drain_rate = done / (sim_a.stats.last_submit - resumed) if done else 0.0
+        flood.drain_rate = done / (stats.last_submit - resumed) if done else 0.0
         flood.cpu_ms_per_msg_a = (a1 - a0) * 1000 / max(1, done)
-        contents = sim_a.stats.contents
+        contents = await sim_a.contents()
         flood.lost = sum(1 for n in range(args.flood) if f"a {n}".encode() not in contents)
         flood.duplicates = sum(c - 1 for c in contents.values() if c > 1)
         return steady, flood
@@ -368,7 +353,7 @@ def table(alone: SteadyFigures, loaded: SteadyFigures, flood: FloodFigures) -> s
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    sim_a, sim_b = SmscSimulator(), TimedSimulator()
+    sim_a, sim_b = SimulatorProcess(), SimulatorProcess(timed=True)
     with tempfile.TemporaryDirectory(prefix="jb-isolation-") as tmp:
         settings = settings_for(args.backend, Path(tmp), args)
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=64)
@@ -379,8 +364,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await nursery.start(sim_a.serve)
             await nursery.start(sim_b.serve)
             async with open_fake_webhook() as hook, running_gateway(settings) as gateway:
-                channel_a = await create_smpp_channel(gateway, sim_a, args.window, hook.url("/mo"))
-                channel_b = await create_smpp_channel(gateway, sim_b, args.window, hook.url("/mo"))
+                channel_a = await create_smpp_channel(
+                    gateway, sim_a.port, args.window, hook.url("/mo")
+                )
+                channel_b = await create_smpp_channel(
+                    gateway, sim_b.port, args.window, hook.url("/mo")
+                )
                 target = f"{gateway.base_url}/channels/{channel_b}/messages/"
                 names = ("redis-server", "beam.smp") if args.backend == "redis" else ()
                 rig = Rig(

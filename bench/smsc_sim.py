@@ -5,16 +5,25 @@ with a delivery receipt (deliver_sm, esm_class 4) when registered_delivery asks 
 and can flood deliver_sm (MO) with up to `mo_window` unanswered at a time. PDUs are framed
 and built with `struct` over fixed layouts so the simulator stays cheap next to the
 gateway it measures; tests/fakes/fake_smsc.py is the faithful one.
+
+`SimulatorProcess` runs one in its own OS process (`python -m bench.smsc_sim`), so that a
+simulator answering hundreds of submit_sm a second does not share a trio loop (and a core's
+time slice) with what the benchmark measures; the far end is not the gateway.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 import struct
+import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -129,10 +138,13 @@ class _Connection:
 class SmscSimulator:
     """Serve on 127.0.0.1; read `stats`; `flood_mo` sends MO traffic to the latest receiver."""
 
-    def __init__(self, *, receipts: bool = True, mo_window: int = 100) -> None:
+    def __init__(self, *, receipts: bool = True, mo_window: int = 100, timed: bool = False) -> None:
         self.receipts = receipts
         self.mo_window = mo_window
+        self.timed = timed
         self.stats = SimStats()
+        #: With `timed`: short_message -> when first submitted (time.perf_counter()).
+        self.submitted_at: dict[bytes, float] = {}
         self.port = 0
         self._ids = 0
         self._sequence = 0
@@ -207,6 +219,8 @@ class SmscSimulator:
             stats.last_submit = now
             destination, text, registered = parse_submit(body)
             stats.contents[text] += 1
+            if self.timed:
+                self.submitted_at.setdefault(text, now)
             self._ids += 1
             smsc_id = str(self._ids)
             conn.queue(
@@ -266,3 +280,164 @@ class SmscSimulator:
         """Until `condition()` holds after a change (the caller bounds it)."""
         while not condition():
             await self.stats.changed.wait()
+
+
+# --- the simulator in its own process -------------------------------------------------------
+#
+# The parent talks to the child over its stdin/stdout, one JSON line each way per request.
+# Times cross the boundary as time.perf_counter() values: on Linux that is CLOCK_MONOTONIC,
+# one clock for every process on the machine. Short messages cross as latin-1 text (bytes
+# 0-255 round-trip exactly).
+
+STATS_FIELDS: Final = ("binds", "submits", "first_submit", "last_submit", "receipts_sent")
+POLL_INTERVAL: Final = 0.05
+
+
+def _answer(sim: SmscSimulator, command: str) -> object:
+    stats = sim.stats
+    if command == "stats":
+        return {name: getattr(stats, name) for name in STATS_FIELDS}
+    if command == "contents":
+        return {text.decode("latin-1"): n for text, n in stats.contents.items()}
+    if command == "submitted_at":
+        return {text.decode("latin-1"): at for text, at in sim.submitted_at.items()}
+    if command == "reset":
+        stats.reset()
+        sim.submitted_at.clear()
+        return {}
+    return {"error": f"unknown command {command!r}"}
+
+
+async def _serve_child(receipts: bool, timed: bool) -> None:
+    """The child's side: serve, print the port, answer requests until stdin closes."""
+    sim = SmscSimulator(receipts=receipts, timed=timed)
+    async with (
+        trio.open_nursery() as nursery,
+        trio.lowlevel.FdStream(os.dup(0)) as stdin,
+        trio.lowlevel.FdStream(os.dup(1)) as stdout,
+    ):
+        await nursery.start(sim.serve)
+        await stdout.send_all(b"%d\n" % sim.port)
+        buffer = b""
+        while True:
+            data = await stdin.receive_some(65536)
+            if not data:
+                # The parent is gone (or done with us): no orphan simulators.
+                nursery.cancel_scope.cancel()
+                return
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                reply = _answer(sim, line.decode().strip())
+                await stdout.send_all(json.dumps(reply).encode() + b"\n")
+
+
+class SimulatorProcess:
+    """An `SmscSimulator` in a child process; `stats()` and friends ask it over a pipe.
+
+    `nursery.start(sim.serve)` returns once it listens (`port` is set); cancelling `serve`
+    ends the child. MO floods are not offered: the benchmarks that flood MO (bench.smpp_load)
+    keep the in-process simulator.
+    """
+
+    def __init__(self, *, receipts: bool = True, timed: bool = False) -> None:
+        self.receipts = receipts
+        self.timed = timed
+        self.port = 0
+        self.pid = 0
+        self._process: trio.Process | None = None
+        self._lines = b""
+        self._lock = trio.Lock()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        command = [sys.executable, "-m", "bench.smsc_sim"]
+        if not self.receipts:
+            command.append("--no-receipts")
+        if self.timed:
+            command.append("--timed")
+        process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            self._process = process
+            self.pid = process.pid
+            self.port = int(await self._read_line())
+            task_status.started()
+            await process.wait()
+            raise RuntimeError(f"the SMSC simulator exited with {process.returncode}")
+        finally:
+            # Closing its stdin tells the child to exit; kill it if it does not at once.
+            with trio.CancelScope(shield=True):
+                if process.stdin is not None:
+                    await process.stdin.aclose()
+                with trio.move_on_after(2):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+    def _pipes(self) -> tuple[trio.abc.SendStream, trio.abc.ReceiveStream]:
+        process = self._process
+        if process is None or process.stdin is None or process.stdout is None:
+            raise RuntimeError("the SMSC simulator is not running")
+        return process.stdin, process.stdout
+
+    async def _read_line(self) -> bytes:
+        _, stdout = self._pipes()
+        while b"\n" not in self._lines:
+            data = await stdout.receive_some(1 << 20)
+            if not data:
+                raise RuntimeError("the SMSC simulator closed its output")
+            self._lines += data
+        line, self._lines = self._lines.split(b"\n", 1)
+        return line
+
+    async def _request(self, command: str) -> Any:
+        async with self._lock:
+            stdin, _ = self._pipes()
+            await stdin.send_all(command.encode() + b"\n")
+            return json.loads(await self._read_line())
+
+    async def stats(self) -> SimStats:
+        """A snapshot of the counters (without `contents`: ask `contents()`)."""
+        values = await self._request("stats")
+        stats = SimStats()
+        for name in STATS_FIELDS:
+            setattr(stats, name, values[name])
+        return stats
+
+    async def contents(self) -> Counter[bytes]:
+        values: dict[str, int] = await self._request("contents")
+        return Counter({text.encode("latin-1"): n for text, n in values.items()})
+
+    async def submitted_at(self) -> dict[bytes, float]:
+        """short_message -> first submit_sm (time.perf_counter()); needs `timed`."""
+        values: dict[str, float] = await self._request("submitted_at")
+        return {text.encode("latin-1"): at for text, at in values.items()}
+
+    async def reset(self) -> None:
+        await self._request("reset")
+
+    async def wait_until(self, condition: Callable[[SimStats], bool]) -> SimStats:
+        """Poll until `condition(stats)` holds (the caller bounds it); the last snapshot."""
+        while True:
+            stats = await self.stats()
+            if condition(stats):
+                return stats
+            await trio.sleep(POLL_INTERVAL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.smsc_sim",
+        description="serve the SMSC simulator on 127.0.0.1 (port on stdout); "
+        "requests on stdin; used by SimulatorProcess",
+    )
+    parser.add_argument("--no-receipts", action="store_true")
+    parser.add_argument("--timed", action="store_true", help="note when each text is submitted")
+    args = parser.parse_args(argv)
+    trio.run(_serve_child, not args.no_receipts, args.timed)
+
+
+if __name__ == "__main__":
+    main()
