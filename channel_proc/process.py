@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,13 +25,14 @@ from channel_proc.forwarder import Forwarder, Routes
 from channel_proc.link import QueueLink
 from channel_proc.metrics import RuntimeSnapshots, SendRate, link_up_from
 from channel_proc.outbound import OutboundActor, RateLimiter
+from channel_proc.priority import BacklogPriority
 from channel_proc.routers.actor import RouterActor
 from channel_proc.routers.destination import DestinationForwarder
 from channel_proc.status import MAILBOX_SIZE, run_status_actor
 from channel_proc.transports import available_transports
 from channel_proc.transports.base import StatusLevel
 from channel_proc.transports.errors import ConfigError
-from channel_proc.webhook import Callback, WebhookError, pool_limits, safe_url
+from channel_proc.webhook import Callback, WebhookClient, WebhookError, safe_url
 from ipc.client import open_ipc_client
 from ipc.errors import ConnectionClosedError, ProtocolError
 from ipc.messages import Role
@@ -41,6 +41,8 @@ from ipc.server import serve_ipc
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import httpx
 
     from channel_proc.lifecycle import Shutdown
     from channel_proc.routers.loading import Routing
@@ -171,7 +173,8 @@ async def run_channel_process(
     With `routing` (a router routes this channel) the router's dispatcher consumes the
     channel's inbound messages and events instead of the forwarder, and in the router's home
     process one forwarder per destination runs too (see channel_proc.routers).
-    `watch_process` adds the SIGTERM/SIGINT and stdin-EOF watchers (off for in-process tests).
+    `watch_process` adds the SIGTERM/SIGINT and stdin-EOF watchers and the backlog priority
+    (channel_proc/priority.py), which act on the whole process (off for in-process tests).
     `task_status.started()` is called once every actor has started.
     """
     cid = spec.channel_id
@@ -180,14 +183,16 @@ async def run_channel_process(
     reporter = StatusReporter(mail_send)
     counters = Counters()
     async with (
-        httpx.AsyncClient(
-            timeout=settings.webhook_timeout, limits=pool_limits(settings.webhook_concurrency)
+        WebhookClient(
+            timeout=settings.webhook_timeout, concurrency=settings.webhook_concurrency
         ) as http,
         trio.open_nursery() as infra,
     ):
         if watch_process:
             await infra.start(watch_signals, shutdown)
             infra.start_soon(watch_parent, shutdown)
+            depth = partial(broker.queue_length, namespace.outbound_queue(cid))
+            infra.start_soon(BacklogPriority(depth).run)
         await infra.start(
             partial(
                 run_status_actor,

@@ -17,6 +17,7 @@ run here cannot be cancelled halfway (it is synchronous), which is what callers 
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
@@ -30,6 +31,13 @@ T = TypeVar("T")
 COMMITS_PER_CHECKPOINT: Final = 500
 
 _BUSY_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+#: A threaded transaction finding the database locked by another process tries again after
+#: BUSY_RETRY_MIN seconds, doubling up to BUSY_RETRY_MAX (see retry_busy). SQLite's own busy
+#: handler sleeps 1, 2, 5, 10, ... up to 100 ms between tries, so a write behind a process
+#: writing flat out (each of its transactions holding the lock for tens of microseconds)
+#: waited tens of milliseconds.
+BUSY_RETRY_MIN: Final = 0.0001
+BUSY_RETRY_MAX: Final = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,38 @@ def is_busy(exc: sqlite3.OperationalError) -> bool:
     if code is None:
         return "locked" in str(exc) or "busy" in str(exc)
     return code & 0xFF in _BUSY_CODES
+
+
+def transaction(
+    conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], *, write: bool
+) -> T:
+    """`fn(conn)` in one transaction, rolled back if anything fails. IMMEDIATE when `write`:
+    the write lock is taken up front, so a busy database fails at BEGIN rather than midway,
+    when a read would have to be upgraded."""
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def retry_busy(fn: Callable[[], T], timeout: float) -> T:
+    """`fn()`, tried again while the database is locked, for up to `timeout` seconds; for a
+    connection whose own busy timeout is zero. Blocking: call it from a worker thread."""
+    deadline = time.monotonic() + timeout
+    delay = BUSY_RETRY_MIN
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, BUSY_RETRY_MAX)
 
 
 class InlineRunner:
@@ -85,14 +125,7 @@ class InlineRunner:
             self._commits = 0
             return Attempt()
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                result = fn(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            result = transaction(conn, fn, write=write)
         except sqlite3.OperationalError as exc:
             if is_busy(exc):
                 return Attempt()

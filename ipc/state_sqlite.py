@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final, TypeVar, cast
 import trio
 
 from ipc.errors import StoreUnavailableError
-from ipc.sqlite_inline import InlineRunner
+from ipc.sqlite_inline import InlineRunner, retry_busy, transaction
 from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
 
 if TYPE_CHECKING:
@@ -107,6 +107,9 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
             conn.executescript(
                 f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
             )
+        # From now on a locked database answers at once and retry_busy waits, in shorter
+        # steps than SQLite's busy handler (see ipc.sqlite_inline.BUSY_RETRY_MIN).
+        conn.execute("PRAGMA busy_timeout=0")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -125,8 +128,11 @@ class SqliteStateStore(StateStore):
         namespace: Namespace,
         *,
         inline: InlineRunner | None = None,
+        busy_timeout: float = BUSY_TIMEOUT,
     ) -> None:
         self._conn = conn
+        #: How long a threaded transaction waits for another process's lock (retry_busy).
+        self._busy_timeout = busy_timeout
         # Calls that need not wait for a lock run on trio's thread (ipc/sqlite_inline.py).
         self._inline = inline
         self._path = path
@@ -155,7 +161,7 @@ class SqliteStateStore(StateStore):
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreUnavailableError(f"cannot open {path}: {exc}") from exc
-        return cls(conn, path, namespace, inline=inline)
+        return cls(conn, path, namespace, inline=inline, busy_timeout=busy_timeout)
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -189,16 +195,10 @@ class SqliteStateStore(StateStore):
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
         conn = self._conn
-        # IMMEDIATE takes the write lock up front, so a busy database fails (or waits) at
-        # BEGIN rather than mid-transaction when a read would have to be upgraded.
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        # A transaction that finds the database busy is rolled back and tried again whole.
+        result = retry_busy(
+            functools.partial(transaction, conn, fn, write=write), self._busy_timeout
+        )
         if write and time.time() >= self._next_purge:
             self._next_purge = time.time() + PURGE_INTERVAL
             # Busy or full: the write above is committed, so skip the housekeeping;

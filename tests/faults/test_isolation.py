@@ -5,17 +5,21 @@ Then A is paused and FLOOD messages are queued on it through the API; A is resum
 drains them flat out, while B is sent the same steady rate for another window. B's
 submit_sm seen by its SMSC within the second window stay within 10% of the first (the
 open-loop rate, so a slowdown shows as fewer in the window), and every message A was
-accepted reaches its SMSC exactly once. bench/isolation.py measures the same at 50,000.
+accepted reaches its SMSC exactly once. While A drains its backlog its process runs at a
+lower CPU priority (channel_proc/priority.py), and at B's once it has caught up.
+bench/isolation.py measures the same at 50,000.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
 
-from tests.e2e.gateway import WAIT, running_gateway
+from channel_proc.priority import BACKLOG_NICE, CHECK_INTERVAL
+from tests.e2e.gateway import WAIT, channel_pids, running_gateway
 from tests.fakes.webhook import open_fake_webhook
 from tests.faults.harness import (
     create_smpp_channel,
@@ -38,6 +42,22 @@ FLOOD_CONCURRENCY: Final = 16
 STEADY_RATE: Final = 20.0
 WINDOW: Final = 10.0
 TOLERANCE: Final = 0.10
+
+
+def process_nice(channel_id: str) -> int:
+    """The channel process's nice (field 19 of /proc/PID/stat)."""
+    (pid,) = channel_pids(channel_id)
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+async def wait_nice(channel_id: str, expected: int) -> None:
+    # The process decides on its own clock (every CHECK_INTERVAL); /proc is all there is.
+    with trio.fail_after(10 * CHECK_INTERVAL):
+        while True:
+            if process_nice(channel_id) == expected:
+                return
+            await trio.sleep(0.05)
 
 
 def submits_between(smsc: TimedSmsc, start: float, end: float) -> int:
@@ -91,12 +111,16 @@ async def test_flooded_channel_leaves_the_other_channels_rate_alone(settings: Se
             with trio.fail_after(WAIT):
                 await smsc_a.wait_until(lambda: len(smsc_a.submits) > held)
             began = trio.current_time()
-            flooded = await steady_window(sender_b, smsc_b)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_nice, a, process_nice(b) + BACKLOG_NICE)
+                flooded = await steady_window(sender_b, smsc_b)
             a_in_window = submits_between(smsc_a, began, trio.current_time())
 
             with trio.fail_after(120):
                 await wait_all_submitted(smsc_a, sender_a)
                 await wait_all_submitted(smsc_b, sender_b)
+            # Caught up: A is back at the priority it started with (B's).
+            await wait_nice(a, process_nice(b))
 
         print(f"B alone: {alone} submit_sm in {WINDOW:g} s; while A drained: {flooded}")
         print(f"A: {a_in_window} of {FLOOD} sent during B's window")

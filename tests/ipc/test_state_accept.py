@@ -13,6 +13,7 @@ from ipc.errors import StoreUnavailableError
 from ipc.state import OutboundRecord, OutboundWrites, RateCount, open_state
 from ipc.state_redis import RedisStateStore
 from ipc.state_sqlite import SqliteStateStore
+from tests.ipc.sqlite_locks import lock_held_for_tries
 from tests.ipc.test_state import _purge_redis, wait_ttl_passed
 
 if TYPE_CHECKING:
@@ -185,3 +186,24 @@ async def test_sqlite_closed_store_raises(tmp_path: Path, namespace: Namespace) 
     await store.aclose()
     with pytest.raises(StoreUnavailableError):
         await store.write_outbound(_accept("m1", ("chan",)))
+
+
+async def test_sqlite_write_behind_another_writer_retries_in_short_steps(
+    tmp_path: Path, namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write finding the file locked by another process tries again after BUSY_RETRY_MIN,
+    doubling up to BUSY_RETRY_MAX, and goes through once it is free (SQLite's own busy
+    handler slept up to 100 ms between tries)."""
+    from ipc import sqlite_inline
+
+    path = tmp_path / "state.sqlite3"
+    store = await SqliteStateStore.open(path, namespace)
+    try:
+        with lock_held_for_tries(path, 8, monkeypatch) as delays:
+            await store.write_outbound(_accept("m1", ("chan",)))
+        assert len(delays) == 8
+        assert delays[0] == sqlite_inline.BUSY_RETRY_MIN
+        assert max(delays) == sqlite_inline.BUSY_RETRY_MAX
+        assert await store.get_outbound("chan", "m1", LONG_TTL) is not None
+    finally:
+        await store.aclose()

@@ -1,0 +1,164 @@
+"""Backlog priority: a channel draining a deep outbound queue gives way on the CPU.
+
+A channel that has a backlog (its outbound queue deeper than BACKLOG_HIGH) sends flat out,
+and on a machine with few cores its process then competes for CPU with every other channel's
+process: their messages wait behind its drain. So while it has a backlog it lowers its own
+CPU scheduling priority, and restores it once the queue is down to BACKLOG_LOW (the gap
+keeps a queue hovering near one threshold from flapping). Throughput on an idle machine is
+unchanged: a lower priority only matters when another process wants the CPU.
+
+Two Linux mechanisms, applied to every thread of the process (both are per thread there,
+and the broker and store adapters run worker threads):
+
+- nice +BACKLOG_NICE: the strong one (a nice-10 thread gets ~1/9 of the CPU a nice-0 one
+  gets when both want it). Raising nice is always allowed, but lowering it back needs
+  CAP_SYS_NICE or an RLIMIT_NICE that permits the old value (e.g. systemd `LimitNICE=+0`,
+  or `ulimit -e 20`). Without either it is not used: a channel niced for good would stay
+  slow after it caught up.
+- SCHED_BATCH: the weak one (the thread is treated as CPU-bound and does not preempt others
+  on wake-up), which any unprivileged process may set and clear.
+
+Other platforms: nothing is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import resource
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from ipc.errors import BrokerUnavailableError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+#: Outbound queue depth (ready messages) from which the process lowers its priority...
+BACKLOG_HIGH: Final = 1000
+#: ...and at or below which it restores it.
+BACKLOG_LOW: Final = 100
+#: How much nicer the process gets while it has a backlog.
+BACKLOG_NICE: Final = 10
+#: How often the queue depth is looked at (one queue_length call each time).
+CHECK_INTERVAL: Final = 1.0
+#: CAP_SYS_NICE's bit in /proc/self/status CapEff.
+CAP_SYS_NICE: Final = 23
+
+SCHED_SUPPORTED: Final = hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH")
+
+
+def thread_ids() -> list[int]:
+    """This process's threads (Linux: /proc/self/task); just the process elsewhere."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def has_cap_sys_nice() -> bool:
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def can_restore_nice(nice: int) -> bool:
+    """Whether this process may set its nice back down to `nice` once raised."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    # RLIMIT_NICE is expressed as 20 - nice (see setrlimit(2)).
+    return has_cap_sys_nice() or soft == resource.RLIM_INFINITY or 20 - nice <= soft
+
+
+class Level(enum.Enum):
+    NORMAL = "normal"
+    BACKLOG = "backlog"
+
+
+@dataclass
+class ProcessPriority:
+    """The process's CPU priority: NORMAL (as started) or BACKLOG (lowered)."""
+
+    base_nice: int = field(default_factory=lambda: os.getpriority(os.PRIO_PROCESS, 0))
+    backlog_nice: int = BACKLOG_NICE
+    use_nice: bool | None = None
+    level: Level = Level.NORMAL
+
+    def __post_init__(self) -> None:
+        if self.use_nice is None:
+            self.use_nice = can_restore_nice(self.base_nice)
+
+    def lower(self) -> None:
+        self._apply(min(19, self.base_nice + self.backlog_nice), batch=True)
+        self.level = Level.BACKLOG
+
+    def restore(self) -> None:
+        self._apply(self.base_nice, batch=False)
+        self.level = Level.NORMAL
+
+    def _apply(self, nice: int, *, batch: bool) -> None:
+        policy = os.SCHED_BATCH if batch else os.SCHED_OTHER
+        for tid in thread_ids():
+            # A thread may end between listing and changing it; one we may not change (it
+            # was given a higher priority from outside) is left as it is.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if self.use_nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                if SCHED_SUPPORTED:
+                    os.sched_setscheduler(tid, policy, os.sched_param(0))
+
+
+@dataclass
+class BacklogPriority:
+    """Watches the outbound queue's depth and sets `priority` from it (the only setter)."""
+
+    depth: Callable[[], Awaitable[int]]
+    priority: ProcessPriority = field(default_factory=ProcessPriority)
+    high: int = BACKLOG_HIGH
+    low: int = BACKLOG_LOW
+    interval: float = CHECK_INTERVAL
+
+    def update(self, depth: int) -> None:
+        priority = self.priority
+        if priority.level is Level.NORMAL and depth > self.high:
+            priority.lower()
+            how = f"nice +{priority.backlog_nice}, " if priority.use_nice else ""
+            log.info(
+                "outbound backlog of %d: lowering this channel's CPU priority (%sSCHED_BATCH)"
+                " so that other channels keep their latency",
+                depth,
+                how,
+            )
+            if not priority.use_nice:
+                log.info(
+                    "not changing nice: setting it back needs CAP_SYS_NICE or RLIMIT_NICE "
+                    "(e.g. systemd LimitNICE=+0)"
+                )
+        elif priority.level is Level.BACKLOG and depth <= self.low:
+            priority.restore()
+            log.info("outbound backlog down to %d: CPU priority restored", depth)
+
+    async def run(self) -> None:
+        """Until cancelled; the priority is restored on the way out."""
+        try:
+            while True:
+                try:
+                    self.update(await self.depth())
+                except BrokerUnavailableError as exc:
+                    # Advisory, like the runtime snapshots: the sending actors report the
+                    # broker's failure; the next tick tries again.
+                    log.debug("queue depth not read: %s", exc)
+                await trio.sleep(self.interval)
+        finally:
+            if self.priority.level is Level.BACKLOG:
+                self.priority.restore()

@@ -1,0 +1,243 @@
+"""Backlog priority (channel_proc/priority.py) in a real child process on a real broker.
+
+The child watches a queue with small thresholds; the test publishes past the high one and
+reads the child's threads' nice and scheduling policy from /proc, then drains the queue
+and sees them come back. Run as an unprivileged user, the child changes only what it could
+change back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import pytest
+import trio
+
+from channel_proc.priority import BACKLOG_NICE
+from ipc.broker import open_broker
+from ipc.settings import SETTINGS_ENV
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from ipc.broker import Broker
+    from ipc.names import Namespace
+    from ipc.settings import Settings
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux scheduling only"),
+]
+
+REPO: Final = Path(__file__).resolve().parents[2]
+SCHED_OTHER: Final = 0
+SCHED_BATCH: Final = 3
+HIGH: Final = 5
+LOW: Final = 1
+
+WATCHER: Final = textwrap.dedent(
+    f"""
+    import sys, threading, trio
+    from functools import partial
+    from channel_proc.priority import BacklogPriority
+    from ipc.broker import open_broker
+    from ipc.settings import Settings
+
+    async def main(queue):
+        async with open_broker(Settings.from_env()) as broker:
+            await broker.declare_queue(queue)
+            watch = BacklogPriority(
+                partial(broker.queue_length, queue), high={HIGH}, low={LOW}, interval=0.02
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch.run)
+                # A thread started before the change must be changed too.
+                await trio.to_thread.run_sync(lambda: None)
+                print("ready", flush=True)
+                await trio.to_thread.run_sync(sys.stdin.read)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+#: Lowers then restores the priority; prints nice and policy of the main thread after each.
+#: With arguments (RLIMIT_NICE, uid, gid) it first becomes that user with that limit (done
+#: here, after Python has started: the interpreter may live where the user may not read).
+FLIP: Final = textwrap.dedent(
+    """
+    import json, os, resource, sys
+    from channel_proc.priority import ProcessPriority
+
+    if len(sys.argv) > 1:
+        limit, uid, gid = map(int, sys.argv[1:])
+        try:
+            resource.setrlimit(resource.RLIMIT_NICE, (limit, limit))
+        except ValueError as exc:  # no CAP_SYS_RESOURCE to raise the hard limit
+            print(json.dumps({"skip": f"RLIMIT_NICE {limit}: {exc}"}))
+            sys.exit()
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+    def state():
+        return os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
+
+    priority = ProcessPriority()
+    before = state()
+    priority.lower()
+    lowered = state()
+    priority.restore()
+    print(json.dumps([before, lowered, state(), priority.use_nice]))
+    """
+)
+
+
+def thread_states(pid: int) -> set[tuple[int, int]]:
+    """{(nice, policy)} over the process's threads, from /proc/PID/task/TID/stat."""
+    states = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        # Fields 19 (nice) and 41 (policy) of proc(5), counted after "pid (comm)".
+        states.add((int(fields[16]), int(fields[38])))
+    return states
+
+
+@pytest.fixture
+async def broker(settings: Settings) -> AsyncIterator[Broker]:
+    async with open_broker(settings) as opened:
+        yield opened
+
+
+async def wait_for_states(pid: int, expected: set[tuple[int, int]]) -> None:
+    # The child changes its priority on its own clock; /proc is all there is to watch.
+    with trio.fail_after(10):
+        while True:
+            if thread_states(pid) == expected:
+                return
+            await trio.sleep(0.02)
+
+
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> None:
+    output = b""
+    with trio.fail_after(30):
+        while marker not in output:
+            chunk = await stream.receive_some()
+            assert chunk, f"child exited early: {output!r}"
+            output += chunk
+
+
+async def drain(broker: Broker, queue: str, count: int) -> None:
+    async with broker.consume(queue, prefetch=count) as consumer:
+        for _ in range(count):
+            with trio.fail_after(10):
+                await consumer.ack(await consumer.receive())
+
+
+async def test_backlog_lowers_every_threads_priority_and_restores_it(
+    settings: Settings, broker: Broker, namespace: Namespace, tmp_path: Path
+) -> None:
+    queue = namespace.queue("priority")
+    script = tmp_path / "watcher.py"
+    script.write_text(WATCHER)
+    env = {**os.environ, SETTINGS_ENV: settings.to_env(), "PYTHONPATH": str(REPO)}
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, str(script), queue],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        assert proc.stdout is not None
+        await read_until(proc.stdout, b"ready")
+        normal = {(base, SCHED_OTHER)}
+        assert thread_states(proc.pid) == normal
+
+        for n in range(HIGH):
+            await broker.publish(queue, b"%d" % n)
+        # At the threshold, not past it: nothing changes.
+        await trio.sleep(0.2)
+        assert thread_states(proc.pid) == normal
+
+        await broker.publish(queue, b"one more")
+        await wait_for_states(proc.pid, {(base + BACKLOG_NICE, SCHED_BATCH)})
+
+        # Down to LOW + 1: still a backlog (hysteresis).
+        await drain(broker, queue, HIGH - LOW)
+        await trio.sleep(0.2)
+        assert thread_states(proc.pid) == {(base + BACKLOG_NICE, SCHED_BATCH)}
+
+        await drain(broker, queue, 1)
+        await wait_for_states(proc.pid, normal)
+    finally:
+        assert proc.stdin is not None
+        await proc.stdin.aclose()
+        with trio.move_on_after(10):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await broker.delete_queue(queue)
+    assert proc.returncode == 0
+
+
+def test_lowering_is_undone_in_process() -> None:
+    """The same process, directly: lower() then restore() (as the process is run here)."""
+    result = subprocess.run(
+        [sys.executable, "-c", FLIP],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    before, lowered, after, used_nice = parse_flip(result.stdout)
+    assert before == after
+    assert lowered[1] == SCHED_BATCH
+    assert lowered[0] == (before[0] + BACKLOG_NICE if used_nice else before[0])
+
+
+def parse_flip(output: str) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], bool]:
+    result = json.loads(output)
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    before, lowered, after, used_nice = result
+    return tuple(before), tuple(lowered), tuple(after), bool(used_nice)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an unprivileged user")
+@pytest.mark.parametrize(
+    ("nice_limit", "uses_nice"),
+    [
+        # RLIMIT_NICE 0 (the usual default): nice could not be set back, so only the policy.
+        (0, False),
+        # RLIMIT_NICE 20 lets it return to nice 0 (systemd LimitNICE=+0): both.
+        (20, True),
+    ],
+)
+def test_unprivileged_process_changes_only_what_it_can_undo(
+    nice_limit: int, uses_nice: bool
+) -> None:
+    nobody = pwd.getpwnam("nobody")
+    result = subprocess.run(
+        [sys.executable, "-c", FLIP, str(nice_limit), str(nobody.pw_uid), str(nobody.pw_gid)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    before, lowered, after, used_nice = parse_flip(result.stdout)
+    assert used_nice is uses_nice
+    assert before == after == (0, SCHED_OTHER)
+    assert lowered == ((BACKLOG_NICE if uses_nice else 0), SCHED_BATCH)
