@@ -22,12 +22,12 @@ from channel_proc.webhook import (
     WebhookClient,
     WebhookError,
     WebhookTarget,
-    _OneSendStream,
     delivery_id,
     encode_body,
     post_json,
     signature,
 )
+from channel_proc.webhook_client import _OneSendStream
 from tests.fakes.webhook import DROP
 
 if TYPE_CHECKING:
