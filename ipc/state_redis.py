@@ -22,6 +22,8 @@ from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, Sta
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from redis.commands.core import Script
+
     from ipc.names import Namespace
     from ipc.settings import RedisSettings
 
@@ -337,38 +339,32 @@ class RedisStateStore(StateStore):
         # by readers.
         return self._key(scope, "kv"), self._key(scope, "kv_expiry")
 
-    async def kv_put(
-        self, scope: str, key: str, value: JsonObject, ttl: float | None = None
-    ) -> None:
+    async def _kv_write(
+        self, script: Script, scope: str, key: str, value: JsonObject, ttl: float | None
+    ) -> object:
+        """Run one of the kv write scripts (same keys and arguments); its answer."""
         values, expiry = self._kv_keys(scope)
         now = _now_ms()
         expires = "+inf" if ttl is None else str(now + _ms(ttl))
 
-        def run(client: redis.Redis) -> None:
-            self._kv_put_script(
+        def run(client: redis.Redis) -> object:
+            return script(
                 keys=[values, expiry],
                 args=[now, key, _dump(value), expires, KV_SWEEP_BATCH],
                 client=client,
             )
 
-        await self._call(run)
+        return await self._call(run)
+
+    async def kv_put(
+        self, scope: str, key: str, value: JsonObject, ttl: float | None = None
+    ) -> None:
+        await self._kv_write(self._kv_put_script, scope, key, value, ttl)
 
     async def kv_put_if_absent(
         self, scope: str, key: str, value: JsonObject, ttl: float | None = None
     ) -> bool:
-        values, expiry = self._kv_keys(scope)
-        now = _now_ms()
-        expires = "+inf" if ttl is None else str(now + _ms(ttl))
-
-        def run(client: redis.Redis) -> bool:
-            written = self._kv_put_if_absent_script(
-                keys=[values, expiry],
-                args=[now, key, _dump(value), expires, KV_SWEEP_BATCH],
-                client=client,
-            )
-            return bool(written)
-
-        return await self._call(run)
+        return bool(await self._kv_write(self._kv_put_if_absent_script, scope, key, value, ttl))
 
     async def kv_get(self, scope: str, key: str) -> JsonObject | None:
         values, expiry = self._kv_keys(scope)

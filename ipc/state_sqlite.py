@@ -209,18 +209,14 @@ class SqliteStateStore(StateStore):
 
     def _purge(self, conn: sqlite3.Connection) -> int:
         now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            removed = sum(
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return sum(
                 conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,)).rowcount
                 for table in ("inbound", "outbound", "rates", "kv")
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return removed
+
+        return transaction(conn, delete, write=True)
 
     async def purge_expired(self) -> int:
         """Delete expired rows of every namespace now; returns how many records went."""
