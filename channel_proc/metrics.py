@@ -93,6 +93,7 @@ class RuntimeSnapshots:
         control: ControlState | None = None,
         oldest_outbound_age: Callable[[], float | None] = lambda: None,
         link_up: Callable[[], Awaitable[bool]] = _always_up,
+        on_outbound_depth: Callable[[int], None] | None = None,
         queues_interval: float = QUEUES_INTERVAL,
         metrics_interval: float = METRICS_INTERVAL,
     ) -> None:
@@ -105,6 +106,8 @@ class RuntimeSnapshots:
         self._control = control
         self._oldest = oldest_outbound_age
         self._link_up = link_up
+        #: Told each outbound depth read (the backlog priority), so it is read once.
+        self._on_outbound_depth = on_outbound_depth
         self._queues_interval = queues_interval
         self._metrics_interval = metrics_interval
 
@@ -116,6 +119,8 @@ class RuntimeSnapshots:
     async def queues(self) -> dict[str, Any]:
         ns, cid = self._namespace, self._cid
         outbound = await self._broker.queue_length(ns.outbound_queue(cid))
+        if self._on_outbound_depth is not None:
+            self._on_outbound_depth(outbound)
         inbound = await self._broker.queue_length(ns.inbound_queue(cid))
         events = await self._broker.queue_length(ns.event_queue(cid))
         rate = self._send_rate.rate()

@@ -29,14 +29,9 @@ import logging
 import os
 import resource
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import trio
-
-from ipc.errors import BrokerUnavailableError
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +41,6 @@ BACKLOG_HIGH: Final = 1000
 BACKLOG_LOW: Final = 100
 #: How much nicer the process gets while it has a backlog.
 BACKLOG_NICE: Final = 10
-#: How often the queue depth is looked at (one queue_length call each time).
-CHECK_INTERVAL: Final = 1.0
 #: CAP_SYS_NICE's bit in /proc/self/status CapEff.
 CAP_SYS_NICE: Final = 23
 
@@ -120,13 +113,12 @@ class ProcessPriority:
 
 @dataclass
 class BacklogPriority:
-    """Watches the outbound queue's depth and sets `priority` from it (the only setter)."""
+    """Sets `priority` (the only setter) from each outbound queue depth it is told of: the
+    runtime snapshots (channel_proc.metrics) read the depth every QUEUES_INTERVAL anyway."""
 
-    depth: Callable[[], Awaitable[int]]
     priority: ProcessPriority = field(default_factory=ProcessPriority)
     high: int = BACKLOG_HIGH
     low: int = BACKLOG_LOW
-    interval: float = CHECK_INTERVAL
 
     def update(self, depth: int) -> None:
         priority = self.priority
@@ -151,14 +143,7 @@ class BacklogPriority:
     async def run(self) -> None:
         """Until cancelled; the priority is restored on the way out."""
         try:
-            while True:
-                try:
-                    self.update(await self.depth())
-                except BrokerUnavailableError as exc:
-                    # Advisory, like the runtime snapshots: the sending actors report the
-                    # broker's failure; the next tick tries again.
-                    log.debug("queue depth not read: %s", exc)
-                await trio.sleep(self.interval)
+            await trio.sleep_forever()
         finally:
             if self.priority.level is Level.BACKLOG:
                 self.priority.restore()

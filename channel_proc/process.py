@@ -188,11 +188,13 @@ async def run_channel_process(
         ) as http,
         trio.open_nursery() as infra,
     ):
+        # Told the outbound depth by the runtime snapshots, which read it anyway (below).
+        priority = BacklogPriority() if watch_process else None
         if watch_process:
             await infra.start(watch_signals, shutdown)
             infra.start_soon(watch_parent, shutdown)
-            depth = partial(broker.queue_length, namespace.outbound_queue(cid))
-            infra.start_soon(BacklogPriority(depth).run)
+        if priority is not None:
+            infra.start_soon(priority.run)
         await infra.start(
             partial(
                 run_status_actor,
@@ -235,6 +237,7 @@ async def run_channel_process(
             control=control_state,
             oldest_outbound_age=outbound.oldest_outbound_age,
             link_up=link_up_from(reporter),
+            on_outbound_depth=None if priority is None else priority.update,
         )
         await infra.start(snapshots.run)
         consumers = _consumers(

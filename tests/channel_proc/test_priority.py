@@ -45,7 +45,6 @@ LOW: Final = 1
 WATCHER: Final = textwrap.dedent(
     f"""
     import sys, threading, trio
-    from functools import partial
     from channel_proc.priority import BacklogPriority
     from ipc.broker import open_broker
     from ipc.settings import Settings
@@ -53,11 +52,17 @@ WATCHER: Final = textwrap.dedent(
     async def main(queue):
         async with open_broker(Settings.from_env()) as broker:
             await broker.declare_queue(queue)
-            watch = BacklogPriority(
-                partial(broker.queue_length, queue), high={HIGH}, low={LOW}, interval=0.02
-            )
+            watch = BacklogPriority(high={HIGH}, low={LOW})
+
+            async def tell_depth():
+                # As the channel's runtime snapshots do, faster.
+                while True:
+                    watch.update(await broker.queue_length(queue))
+                    await trio.sleep(0.02)
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch.run)
+                nursery.start_soon(tell_depth)
                 # A thread started before the change must be changed too.
                 await trio.to_thread.run_sync(lambda: None)
                 print("ready", flush=True)
@@ -139,7 +144,9 @@ async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> None:
 
 
 async def drain(broker: Broker, queue: str, count: int) -> None:
-    async with broker.consume(queue, prefetch=count) as consumer:
+    # Prefetch 1: RabbitMQ delivers the next message as each is acked, so the queue's ready
+    # count dips by at most one below what is left until the consumer is gone.
+    async with broker.consume(queue, prefetch=1) as consumer:
         for _ in range(count):
             with trio.fail_after(10):
                 await consumer.ack(await consumer.receive())
@@ -174,12 +181,13 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
         await broker.publish(queue, b"one more")
         await wait_for_states(proc.pid, {(base + BACKLOG_NICE, SCHED_BATCH)})
 
-        # Down to LOW + 1: still a backlog (hysteresis).
-        await drain(broker, queue, HIGH - LOW)
+        # Down to LOW + 2 (LOW + 1 while drain's next delivery is in flight): still a
+        # backlog (hysteresis).
+        await drain(broker, queue, HIGH - LOW - 1)
         await trio.sleep(0.2)
         assert thread_states(proc.pid) == {(base + BACKLOG_NICE, SCHED_BATCH)}
 
-        await drain(broker, queue, 1)
+        await drain(broker, queue, 2)
         await wait_for_states(proc.pid, normal)
     finally:
         assert proc.stdin is not None

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Final
 import pytest
 import trio
 
-from channel_proc.priority import BACKLOG_NICE, CHECK_INTERVAL
+from channel_proc.metrics import QUEUES_INTERVAL
+from channel_proc.priority import BACKLOG_NICE
 from tests.e2e.gateway import WAIT, channel_pids, running_gateway
 from tests.fakes.webhook import open_fake_webhook
 from tests.faults.harness import (
@@ -52,8 +53,8 @@ def process_nice(channel_id: str) -> int:
 
 
 async def wait_nice(channel_id: str, expected: int) -> None:
-    # The process decides on its own clock (every CHECK_INTERVAL); /proc is all there is.
-    with trio.fail_after(10 * CHECK_INTERVAL):
+    # The process decides on its own clock (each QUEUES_INTERVAL); /proc is all there is.
+    with trio.fail_after(10 * QUEUES_INTERVAL):
         while True:
             if process_nice(channel_id) == expected:
                 return
