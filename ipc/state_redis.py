@@ -56,21 +56,17 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
 # The same layout as kv_put, written only when the key has no live entry. A script rather
 # than SET NX: the entry lives in the scope's hash + expiry zset, which SET NX cannot guard,
 # and a script runs atomically. Same KEYS/ARGV; returns 1 when written.
-_KV_PUT_IF_ABSENT_LUA: Final = """
+_KV_PUT_IF_ABSENT_LUA: Final = (
+    """
 local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
 local live = score and (score == 'inf' or tonumber(score) > tonumber(ARGV[1]))
 if live and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
   return 0
 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[5])
-if #expired > 0 then
-  redis.call('HDEL', KEYS[1], unpack(expired))
-  redis.call('ZREM', KEYS[2], unpack(expired))
-end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
-return 1
 """
+    + _KV_PUT_LUA
+    + "return 1\n"
+)
 
 
 def _dump(obj: JsonObject) -> str:
