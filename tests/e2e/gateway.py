@@ -75,6 +75,9 @@ class Gateway:
     extra_args: list[str] = field(default_factory=list)
     process: trio.Process | None = None
     log_path: Path | None = None
+    #: Client connections a test opened to the channels; closed when the gateway context exits,
+    #: so a failed test leaves no socket for a later test's garbage collection to report.
+    clients: list[trio.SocketStream] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -157,6 +160,9 @@ async def running_gateway(
     try:
         yield gateway
     finally:
+        with trio.CancelScope(shield=True):
+            for client in gateway.clients:
+                await client.aclose()
         if gateway.process is not None:
             code = await gateway.stop()
             assert code == 0, gateway.output()

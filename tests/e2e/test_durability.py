@@ -25,15 +25,30 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 #: The forwarder's prefetch: that many inbound messages may be held unacked by the process.
 FORWARDER_PREFETCH = 16
+#: Seconds the waiting count must stay put before all input counts as queued.
+STABLE_FOR = 1.0
 
 
 async def wait_until_queued(settings: Settings, channel_id: str, total: int) -> None:
-    """Wait until `total` inbound messages are durably queued (waiting or held unacked)."""
+    """Wait until `total` inbound messages are durably queued (waiting or held unacked).
+
+    The broker counts only waiting messages. While the forwarder catches up it holds fewer
+    than its prefetch, so the count can reach `total - FORWARDER_PREFETCH` with lines still
+    unread by the transport; a kill then loses lines the gateway never accepted (CI saw it on
+    a loaded machine). A count that has also stayed put for a second means the transport has
+    queued everything and the forwarder has taken all it will.
+    """
     queue = Namespace(settings.namespace).inbound_queue(channel_id)
     async with open_broker(settings) as broker:
+        last = (-1, trio.current_time())  # (length, when first seen)
 
         async def queued() -> bool:
-            return await broker.queue_length(queue) >= total - FORWARDER_PREFETCH
+            nonlocal last
+            length = await broker.queue_length(queue)
+            if length != last[0]:
+                last = (length, trio.current_time())
+            steady = trio.current_time() - last[1] >= STABLE_FOR
+            return length >= total - FORWARDER_PREFETCH and steady
 
         with trio.fail_after(WAIT):
             await wait_for(queued)

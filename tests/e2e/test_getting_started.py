@@ -78,6 +78,7 @@ async def connect_telnet(gateway: Gateway, channel_id: str, port: int) -> Telnet
 
     with trio.fail_after(WAIT):
         await wait_for(connected)
+    gateway.clients.append(streams[0])
     return TelnetUser(streams[0])
 
 
