@@ -158,8 +158,7 @@ async def _send_reserved(
 async def _release(store: StateStore, scope: str, key: str, token: str) -> None:
     """Remove our reservation (not a result or another send's reservation)."""
     try:
-        if await store.kv_get(scope, key) == {PENDING_FIELD: token}:
-            await store.kv_delete(scope, key)
+        await store.kv_delete_if(scope, key, {PENDING_FIELD: token})
     except StoreUnavailableError as exc:
         log.warning(
             "idempotency key %r of %s not released (it expires in %g s): %s",

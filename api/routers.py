@@ -145,9 +145,7 @@ class StoreLease:
     async def _take(self, store: StateStore, token: str) -> None:
         deadline = trio.current_time() + self.wait
         pause = LEASE_POLL_FIRST
-        while not await store.kv_put_if_absent(
-            self.scope, LEASE_KEY, {"token": token, "pid": os.getpid()}, self.ttl
-        ):
+        while not await store.kv_put_if_absent(self.scope, LEASE_KEY, self._entry(token), self.ttl):
             if trio.current_time() + pause > deadline:
                 raise self.busy(
                     f"Another API worker has been {self.doing} for {self.wait:g} s; retry later"
@@ -155,12 +153,14 @@ class StoreLease:
             await trio.sleep(pause)
             pause = min(2 * pause, LEASE_POLL_MAX)
 
+    @staticmethod
+    def _entry(token: str) -> JsonObject:
+        return {"token": token, "pid": os.getpid()}
+
     async def _drop(self, store: StateStore, token: str) -> None:
         try:
-            held = await store.kv_get(self.scope, LEASE_KEY)
             # Only ours: a lease that outlived its ttl may have passed to another worker.
-            if held is not None and held.get("token") == token:
-                await store.kv_delete(self.scope, LEASE_KEY)
+            await store.kv_delete_if(self.scope, LEASE_KEY, self._entry(token))
         except StoreUnavailableError as exc:
             log.warning("lease %s not released (it expires in %g s): %s", self.scope, self.ttl, exc)
 

@@ -167,6 +167,15 @@ class StateStore(abc.ABC):
         """Remove one entry; False when it did not exist."""
 
     @abc.abstractmethod
+    async def kv_delete_if(self, scope: str, key: str, value: JsonObject) -> bool:
+        """Remove the entry only while it is live and holds `value` (as written: the same
+        keys in the same order), atomically across processes: a holder drops its own lease
+        or reservation, never one that expired and passed to someone else meanwhile.
+
+        Returns True when this call removed it.
+        """
+
+    @abc.abstractmethod
     async def kv_items(self, scope: str) -> dict[str, JsonObject]:
         """Every live entry of a scope, by key (sorted)."""
 

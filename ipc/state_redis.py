@@ -56,16 +56,32 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
 # The same layout as kv_put, written only when the key has no live entry. A script rather
 # than SET NX: the entry lives in the scope's hash + expiry zset, which SET NX cannot guard,
 # and a script runs atomically. Same KEYS/ARGV; returns 1 when written.
-_KV_PUT_IF_ABSENT_LUA: Final = (
-    """
+# Sets `live`: whether key ARGV[2] has an unexpired entry (ARGV[1] is now, in ms).
+_KV_LIVE_LUA: Final = """
 local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
 local live = score and (score == 'inf' or tonumber(score) > tonumber(ARGV[1]))
+"""
+_KV_PUT_IF_ABSENT_LUA: Final = (
+    _KV_LIVE_LUA
+    + """
 if live and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
   return 0
 end
 """
     + _KV_PUT_LUA
     + "return 1\n"
+)
+# Same KEYS/ARGV; deletes the entry only while it is live and its value is ARGV[3].
+_KV_DELETE_IF_LUA: Final = (
+    _KV_LIVE_LUA
+    + """
+if live and redis.call('HGET', KEYS[1], ARGV[2]) == ARGV[3] then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
 )
 
 
@@ -118,6 +134,7 @@ class RedisStateStore(StateStore):
         self._client = redis.Redis(connection_pool=self._pool)
         self._kv_put_script = self._client.register_script(_KV_PUT_LUA)
         self._kv_put_if_absent_script = self._client.register_script(_KV_PUT_IF_ABSENT_LUA)
+        self._kv_delete_if_script = self._client.register_script(_KV_DELETE_IF_LUA)
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         # Never waited on: only holders of a `_limiter` token start threads.
         self._threads = trio.CapacityLimiter(MAX_THREADS)
@@ -378,6 +395,10 @@ class RedisStateStore(StateStore):
             ("ZSCORE", expiry, key), ("HDEL", values, key), ("ZREM", expiry, key)
         )
         return bool(removed) and score is not None and float(score) > _now_ms()
+
+    async def kv_delete_if(self, scope: str, key: str, value: JsonObject) -> bool:
+        # The script ignores the expiry argument (ttl None).
+        return bool(await self._kv_write(self._kv_delete_if_script, scope, key, value, None))
 
     async def kv_items(self, scope: str) -> dict[str, JsonObject]:
         values, expiry = self._kv_keys(scope)

@@ -517,6 +517,19 @@ class SqliteStateStore(StateStore):
         )
         return any(expires is None or expires > now for (expires,) in rows)
 
+    async def kv_delete_if(self, scope: str, key: str, value: JsonObject) -> bool:
+        rowcount = await self._call(
+            lambda conn: (
+                conn.execute(
+                    "DELETE FROM kv WHERE ns=? AND scope=? AND key=? AND value=?"
+                    " AND (expires_at IS NULL OR expires_at>?)",
+                    (self._ns, scope, key, _dump(value), time.time()),
+                ).rowcount
+            ),
+            write=True,
+        )
+        return rowcount > 0
+
     async def kv_items(self, scope: str) -> dict[str, JsonObject]:
         rows = await self._call(
             lambda conn: conn.execute(

@@ -380,6 +380,40 @@ async def test_kv_put_if_absent_has_one_winner_among_racing_stores(
         assert await stores[0].kv_get("c1:claims", key) == {"racer": won[0]}
 
 
+@pytest.mark.parametrize(
+    ("stored", "asked", "removed"),
+    [
+        ({"token": "a", "pid": 1}, {"token": "a", "pid": 1}, True),
+        ({"token": "a", "pid": 1}, {"token": "b", "pid": 1}, False),
+        ({"token": "a", "pid": 1}, {"token": "a"}, False),
+        ({"token": "a", "pid": 1}, {"pid": 1, "token": "a"}, False),  # as written: key order
+        (None, {"token": "a"}, False),
+    ],
+)
+async def test_kv_delete_if_removes_only_the_value_asked_for(
+    store: StateStore, stored: dict[str, object] | None, asked: dict[str, object], removed: bool
+) -> None:
+    if stored is not None:
+        await store.kv_put("c1:leases", "k", stored, LONG_TTL)
+    await store.kv_put("c1:leases", "other", {"token": "a", "pid": 1})
+    assert await store.kv_delete_if("c1:leases", "k", asked) is removed
+    left = await store.kv_items("c1:leases")
+    assert left.get("k") == (None if removed else stored)
+    assert left["other"] == {"token": "a", "pid": 1}
+
+
+@pytest.mark.slow
+async def test_kv_delete_if_leaves_an_expired_entry_alone(store: StateStore) -> None:
+    """An entry past its ttl belongs to no one: deleting it reports nothing removed, and a
+    newer holder's entry under the same key is never taken for it."""
+    await store.kv_put("c1:leases", "k", {"token": "old"}, TTL)
+    await wait_ttl_passed(store)
+    assert await store.kv_delete_if("c1:leases", "k", {"token": "old"}) is False
+    assert await store.kv_put_if_absent("c1:leases", "k", {"token": "new"}, LONG_TTL)
+    assert await store.kv_delete_if("c1:leases", "k", {"token": "old"}) is False
+    assert await store.kv_get("c1:leases", "k") == {"token": "new"}
+
+
 # --- namespaces and lifecycle ---------------------------------------------------------
 
 
