@@ -21,6 +21,7 @@ import trio
 from quart import current_app, request
 
 from api.errors import ApiError, ApiUsageError
+from api.store_wait import RELEASE_GRACE, poll_store
 from ipc.errors import StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -42,11 +43,6 @@ PENDING_FIELD: Final = "_idempotency_pending"
 RESERVATION_TTL: Final = 60.0
 #: Seconds a duplicate waits for the first send's result before 409.
 DUPLICATE_WAIT: Final = 30.0
-#: Polling another worker's reservation: first and longest pause (seconds).
-POLL_FIRST: Final = 0.01
-POLL_MAX: Final = 0.25
-#: Seconds given to releasing a reservation after a failed (or cancelled) send.
-RELEASE_GRACE: Final = 2.0
 _LOCKS_KEY = "junebug.idempotency_locks"
 
 
@@ -112,9 +108,8 @@ async def send_once(
     of the send that did (replayed True). 409 when that send is still running after
     DUPLICATE_WAIT seconds."""
     async with idempotency_locks().hold(f"{scope}\0{key}"):
-        deadline = trio.current_time() + DUPLICATE_WAIT
-        pause = POLL_FIRST
-        while True:
+
+        async def reserve_or_replay() -> tuple[JsonObject, bool] | None:
             token = uuid.uuid4().hex
             if await store.kv_put_if_absent(scope, key, {PENDING_FIELD: token}, RESERVATION_TTL):
                 return await _send_reserved(store, scope, key, token, submit), False
@@ -123,12 +118,14 @@ async def send_once(
                 return earlier, True
             # Pending in another worker, or released (that send failed) in between: wait a
             # little and try to reserve again.
-            if trio.current_time() + pause > deadline:
-                raise IdempotencyKeyInUseError(
-                    f"A send with {HEADER} {key!r} is still in progress; retry later"
-                )
-            await trio.sleep(pause)
-            pause = min(pause * 2, POLL_MAX)
+            return None
+
+        def in_use() -> ApiError:
+            return IdempotencyKeyInUseError(
+                f"A send with {HEADER} {key!r} is still in progress; retry later"
+            )
+
+        return await poll_store(reserve_or_replay, wait=DUPLICATE_WAIT, give_up=in_use)
 
 
 async def _send_reserved(

@@ -36,6 +36,7 @@ from api.errors import (
     SupervisorUnavailableError,
 )
 from api.schemas import router_config_problems
+from api.store_wait import RELEASE_GRACE, poll_store
 from api.supervisor_link import SupervisorUnreachableError
 from ipc.errors import RemoteError, StoreUnavailableError
 from ipc.messages import ROUTER_CHANNEL_KEYWORD, ROUTER_DEFAULT_KEYWORD
@@ -62,9 +63,6 @@ LEASE_KEY: Final = "lease"
 LEASE_TTL: Final = 300.0
 #: Seconds a change waits for another worker's before 503.
 LEASE_WAIT: Final = 30.0
-LEASE_POLL_FIRST: Final = 0.01
-LEASE_POLL_MAX: Final = 0.25
-LEASE_RELEASE_GRACE: Final = 2.0
 
 
 class InvalidRouterTypeError(ApiError):
@@ -139,19 +137,20 @@ class StoreLease:
             try:
                 yield
             finally:
-                with trio.move_on_after(LEASE_RELEASE_GRACE, shield=True):
+                with trio.move_on_after(RELEASE_GRACE, shield=True):
                     await self._drop(store, token)
 
     async def _take(self, store: StateStore, token: str) -> None:
-        deadline = trio.current_time() + self.wait
-        pause = LEASE_POLL_FIRST
-        while not await store.kv_put_if_absent(self.scope, LEASE_KEY, self._entry(token), self.ttl):
-            if trio.current_time() + pause > deadline:
-                raise self.busy(
-                    f"Another API worker has been {self.doing} for {self.wait:g} s; retry later"
-                )
-            await trio.sleep(pause)
-            pause = min(2 * pause, LEASE_POLL_MAX)
+        async def take() -> bool | None:
+            entry = self._entry(token)
+            return await store.kv_put_if_absent(self.scope, LEASE_KEY, entry, self.ttl) or None
+
+        def busy() -> ApiError:
+            return self.busy(
+                f"Another API worker has been {self.doing} for {self.wait:g} s; retry later"
+            )
+
+        await poll_store(take, wait=self.wait, give_up=busy)
 
     @staticmethod
     def _entry(token: str) -> JsonObject:
