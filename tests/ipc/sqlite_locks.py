@@ -1,4 +1,5 @@
-"""A SQLite file's write lock held by "another process" for a number of the waiter's tries."""
+"""A SQLite file's write lock held by "another process": for a block, or for a number of the
+waiter's tries."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import pytest
+
+
+@contextmanager
+def write_lock_held(path: Path) -> Iterator[None]:
+    """Hold `path`'s write lock (an open write transaction) for the block."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from ipc.settings import RedisSettings
 from ipc.state import OutboundRecord, open_state
 from ipc.state_redis import RedisStateStore
 from ipc.state_sqlite import SqliteStateStore
+from tests.ipc.sqlite_locks import write_lock_held
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -546,15 +547,11 @@ async def test_sqlite_locked_by_another_process_raises_store_unavailable(
 ) -> None:
     path = tmp_path / "state.sqlite3"
     store = await SqliteStateStore.open(path, namespace, busy_timeout=0.05)
-    holder = sqlite3.connect(path, isolation_level=None)
     try:
-        holder.execute("BEGIN IMMEDIATE")
-        with pytest.raises(StoreUnavailableError):
+        with write_lock_held(path), pytest.raises(StoreUnavailableError):
             await store.save_channel("c1", {})
-        holder.execute("ROLLBACK")
         await store.save_channel("c1", {})
     finally:
-        holder.close()
         await store.aclose()
 
 

@@ -3,7 +3,6 @@ outcome as the one-at-a-time calls it replaces (put_outbound, add_event, incr_ra
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,7 @@ from ipc.errors import StoreUnavailableError
 from ipc.state import OutboundRecord, OutboundWrites, RateCount, open_state
 from ipc.state_redis import RedisStateStore
 from ipc.state_sqlite import SqliteStateStore
-from tests.ipc.sqlite_locks import lock_held_for_tries
+from tests.ipc.sqlite_locks import lock_held_for_tries, write_lock_held
 from tests.ipc.test_state import _purge_redis, wait_ttl_passed
 
 if TYPE_CHECKING:
@@ -166,18 +165,14 @@ async def test_sqlite_busy_store_raises_and_writes_nothing(
 ) -> None:
     path = tmp_path / "state.sqlite3"
     store = await SqliteStateStore.open(path, namespace, busy_timeout=0.05)
-    holder = sqlite3.connect(path, isolation_level=None)
     try:
-        holder.execute("BEGIN IMMEDIATE")
-        with pytest.raises(StoreUnavailableError):
+        with write_lock_held(path), pytest.raises(StoreUnavailableError):
             await store.write_outbound(_accept("m1", ("chan", "dest")))
-        holder.execute("ROLLBACK")
         assert await store.get_outbound("chan", "m1", LONG_TTL) is None
         assert await store.get_outbound("dest", "m1", LONG_TTL) is None
         await store.write_outbound(_accept("m1", ("chan", "dest")))
         assert await store.get_outbound("dest", "m1", LONG_TTL) is not None
     finally:
-        holder.close()
         await store.aclose()
 
 
