@@ -53,14 +53,14 @@ end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
 """
-# The same layout as kv_put, written only when the key has no live entry. A script rather
-# than SET NX: the entry lives in the scope's hash + expiry zset, which SET NX cannot guard,
-# and a script runs atomically. Same KEYS/ARGV; returns 1 when written.
 # Sets `live`: whether key ARGV[2] has an unexpired entry (ARGV[1] is now, in ms).
 _KV_LIVE_LUA: Final = """
 local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
 local live = score and (score == 'inf' or tonumber(score) > tonumber(ARGV[1]))
 """
+# The same layout as kv_put, written only when the key has no live entry. A script rather
+# than SET NX: the entry lives in the scope's hash + expiry zset, which SET NX cannot guard,
+# and a script runs atomically. Same KEYS/ARGV; returns 1 when written.
 _KV_PUT_IF_ABSENT_LUA: Final = (
     _KV_LIVE_LUA
     + """
