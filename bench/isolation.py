@@ -17,6 +17,12 @@ submit_sm seen by B's SMSC per second within the window, latency from the POST t
 submit_sm (p50, p99; it includes the API's accept), and CPU seconds of B's channel process
 per message; for A: its drain rate, how much backlog was left at the end of the window,
 and every flooded message seen at its SMSC (lost and duplicated counted) after the drain.
+
+Phase C: once A has drained and forwarded the events of its sends, and the gateway is quiet
+again, B alone again. The two windows differ even when A does
+nothing (B's own records and queue history from the first window; a control run with
+`--flood 1 --a-mode held` showed up to 1.14x on p50), so B under the flood is compared
+with the mean of its two alone windows, one before and one after.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -54,6 +60,8 @@ READY_TIMEOUT: Final = 60.0
 #: How far B's phase-B figures may be from phase A's (the scenario's bound).
 TOLERANCE: Final = 0.10
 WARMUP: Final = 50
+#: Gateway CPU seconds per second under which it counts as quiet again (B alone uses ~0.3).
+QUIET_CPU: Final = 0.5
 
 
 @dataclass
@@ -88,6 +96,8 @@ class FloodFigures:
     duplicates: int = 0
     cpu_ms_per_msg_a: float = 0.0
     drained: bool = False
+    #: A's event backlog worked off and the gateway quiet before B's last window.
+    settled: bool = False
 
 
 def percentile_ms(values: list[float], pct: int) -> float:
@@ -230,6 +240,24 @@ class Rig:
             cpu_s_services=svc1 - svc0,
         )
 
+    async def settle(self) -> bool:
+        """Wait until A has worked off everything its flood caused (its outbound queue, and
+        the events of its sends, which it forwards after the last submit) and the gateway
+        is quiet; False if that takes longer than --timeout."""
+        ns = Namespace(self.settings.namespace)
+        queues = (ns.outbound_queue(self.channel_a), ns.event_queue(self.channel_a))
+        async with open_broker(self.settings) as broker:
+            with trio.move_on_after(self.args.timeout):
+                _, _, busy, _ = self.cpu()
+                while True:
+                    await trio.sleep(1.0)
+                    _, _, now, _ = self.cpu()
+                    lengths = [await broker.queue_length(q) for q in queues]
+                    if not any(lengths) and now - busy < QUIET_CPU:
+                        return True
+                    busy = now
+        return False
+
     async def control(self, action: str) -> None:
         response = await self.gateway.request("POST", f"/channels/{self.channel_a}/{action}")
         if response.status_code != 200:
@@ -311,6 +339,16 @@ def within(alone: float, loaded: float, *, higher_is_better: bool) -> bool:
     return loaded <= alone * (1 + TOLERANCE)
 
 
+def bracket(before: SteadyFigures, after: SteadyFigures) -> SteadyFigures:
+    """B alone, as the mean of the windows before and after the flood (cancels drift)."""
+    mean = {
+        key: (getattr(before, key) + getattr(after, key)) / 2
+        for key, value in asdict(before).items()
+        if isinstance(value, float)
+    }
+    return replace(before, **mean)
+
+
 def verdicts(alone: SteadyFigures, loaded: SteadyFigures) -> dict[str, bool]:
     return {
         "throughput": within(alone.throughput, loaded.throughput, higher_is_better=True),
@@ -333,21 +371,27 @@ ROWS: Final = (
 )
 
 
-def table(alone: SteadyFigures, loaded: SteadyFigures, flood: FloodFigures) -> str:
-    lines = [f"{'':38}{'B alone':>10}{'A flooded':>11}{'ratio':>8}"]
+def table(
+    before: SteadyFigures, loaded: SteadyFigures, after: SteadyFigures, flood: FloodFigures
+) -> str:
+    """B's windows side by side; the ratio is the flooded window over the mean of the two
+    alone windows."""
+    alone = bracket(before, after)
+    lines = [f"{'':38}{'B alone':>10}{'A flooded':>11}{'B again':>10}{'ratio':>8}"]
     for label, key, fmt in ROWS:
         if key is None:
-            cells = [f"{f.refused}/{f.never_submitted}" for f in (alone, loaded)]
-            lines.append(f"{label:38}{cells[0]:>10}{cells[1]:>11}")
+            cells = [f"{f.refused}/{f.never_submitted}" for f in (before, loaded, after)]
+            lines.append(f"{label:38}{cells[0]:>10}{cells[1]:>11}{cells[2]:>10}")
             continue
-        a, b = getattr(alone, key), getattr(loaded, key)
-        ratio = f"{b / a:>8.2f}" if a else ""
-        lines.append(f"{label:38}{fmt.format(a):>10}{fmt.format(b):>11}{ratio}")
+        a, b, c = getattr(before, key), getattr(loaded, key), getattr(after, key)
+        ratio = f"{b / getattr(alone, key):>8.2f}" if getattr(alone, key) else ""
+        lines.append(f"{label:38}{fmt.format(a):>10}{fmt.format(b):>11}{fmt.format(c):>10}{ratio}")
     lines.append(
         f"A: {flood.messages} queued via {flood.via} at {flood.queue_rate:.0f}/s; drained at "
         f"{flood.drain_rate:.0f}/s ({flood.cpu_ms_per_msg_a:.2f} ms CPU each); "
         f"{flood.sent_in_window} sent in the window, {flood.backlog_at_window_end} still queued "
         f"at its end; lost {flood.lost}, duplicated {flood.duplicates}"
+        + ("" if flood.settled else "; NOT settled (events still queued) before B's last window")
     )
     return "\n".join(lines)
 
@@ -386,16 +430,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"isolation[{args.backend}]: B at {args.steady_rate:g}/s for "
                     f"{args.seconds:g} s, alone, then with {args.flood} queued on A "
-                    f"({'draining' if args.a_mode == 'drain' else 'held, paused'})"
+                    f"({'draining' if args.a_mode == 'drain' else 'held, paused'}), "
+                    "then alone again"
                 )
                 await SteadySender(client, target, "warm").run(WARMUP, 1.0)
-                alone = await rig.steady_phase()
+                before = await rig.steady_phase()
                 loaded, flood = await rig.flood_phase()
+                flood.settled = await rig.settle()
+                after = await rig.steady_phase()
             nursery.cancel_scope.cancel()
-    verdict = verdicts(alone, loaded)
-    print(table(alone, loaded, flood))
+    verdict = verdicts(bracket(before, after), loaded)
+    print(table(before, loaded, after, flood))
     print(
-        "within 10% of B alone: "
+        "within 10% of B alone (the mean of its windows before and after): "
         + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in verdict.items())
     )
     load = os.getloadavg()[0]
@@ -409,8 +456,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "steady_rate": args.steady_rate,
         "seconds": args.seconds,
         "window": args.window,
-        "b_alone": asdict(alone),
+        "b_alone": asdict(before),
         "b_while_a_flooded": asdict(loaded),
+        "b_alone_again": asdict(after),
         "a_flood": asdict(flood),
         "within_10_percent": verdict,
         "git_commit": git_commit(),
