@@ -188,12 +188,12 @@ async def run_channel_process(
         ) as http,
         trio.open_nursery() as infra,
     ):
-        # Told the outbound depth by the runtime snapshots, which read it anyway (below).
-        priority = BacklogPriority() if watch_process else None
+        priority: BacklogPriority | None = None
         if watch_process:
             await infra.start(watch_signals, shutdown)
             infra.start_soon(watch_parent, shutdown)
-        if priority is not None:
+            # Told the outbound depth by the runtime snapshots, which read it anyway (below).
+            priority = BacklogPriority()
             infra.start_soon(priority.run)
         await infra.start(
             partial(
