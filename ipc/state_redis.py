@@ -1,22 +1,26 @@
 """The Redis StateStore: the only module that imports the Redis client.
 
 Sync redis-py in worker threads (trio.to_thread, at most 16 at once); every interface
-call is one MULTI/EXEC pipeline, so one round trip (delete_channel adds its SCAN).
+call is one pipeline, so one round trip (delete_channel adds its SCAN), and the writes that
+tasks have ready at the same moment share one MULTI/EXEC (ipc/group_commit.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+import outcome
 import redis  # this module is the single Redis importer
 import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ipc.errors import StoreUnavailableError
+from ipc.group_commit import GroupCommit
 from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
 
 if TYPE_CHECKING:
@@ -98,6 +102,22 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _pipeline(
+    commands: Sequence[Command],
+    client: redis.Redis,
+    *,
+    atomic: bool,
+    raise_on_error: bool = True,
+) -> list[Any]:
+    """Send `commands` in one round trip (MULTI/EXEC when `atomic`); their replies, a failed
+    command's error among them when not `raise_on_error`."""
+    with client.pipeline(transaction=atomic) as pipe:
+        for command in commands:
+            # redis-py leaves execute_command unannotated; replies are parsed by name.
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        return pipe.execute(raise_on_error=raise_on_error)
+
+
 def _glob_escape(text: str) -> str:
     return text.translate(_GLOB_SPECIAL)
 
@@ -141,6 +161,7 @@ class RedisStateStore(StateStore):
         self._namespace = namespace
         self._prefix = f"{settings.key_prefix}:" if settings.key_prefix else ""
         self._where = f"redis://{settings.host}:{settings.port}/{settings.db}"
+        self._group: GroupCommit[Sequence[Command]] = GroupCommit(self._commit)
 
     @classmethod
     async def connect(cls, settings: RedisSettings, namespace: Namespace) -> RedisStateStore:
@@ -181,19 +202,50 @@ class RedisStateStore(StateStore):
     async def _execute(self, *commands: Command, atomic: bool = True) -> list[Any]:
         """Send the commands in one round trip and return their replies.
 
-        atomic wraps them in MULTI/EXEC, so a write never lands without its TTL; reads skip
+        atomic wraps them in MULTI/EXEC, so a write never lands without its TTL, together
+        with the atomic commands other tasks have ready (ipc/group_commit.py); reads skip
         it, as a half-applied read (value without refresh) is harmless and MULTI/EXEC costs
         two more commands per call.
         """
+        if atomic:
+            replies: list[Any] = await self._group.run(commands)
+            return replies
+        return await self._call(functools.partial(_pipeline, commands, atomic=False))
 
-        def run(client: redis.Redis) -> list[Any]:
-            with client.pipeline(transaction=atomic) as pipe:
-                for command in commands:
-                    # redis-py leaves execute_command unannotated; replies are parsed by name.
-                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-                return pipe.execute()
-
-        return await self._call(run)
+    async def _commit(self, batch: Sequence[Sequence[Command]]) -> list[outcome.Outcome[Any]]:
+        """Every write of `batch` in one MULTI/EXEC; each gets its own replies, or the error
+        of its own failed command (Redis runs the others of the transaction regardless).
+        When the transaction was refused whole (a command Redis would not queue), each
+        write is sent alone; when Redis did not answer, each would fail too."""
+        commands = [command for write in batch for command in write]
+        try:
+            with trio.CancelScope(shield=True):
+                replies = await self._call(
+                    functools.partial(_pipeline, commands, atomic=True, raise_on_error=False)
+                )
+        except StoreUnavailableError as exc:
+            if len(batch) == 1:
+                return [outcome.Error(exc)]
+            if not isinstance(exc.__cause__, redis.ResponseError):
+                return [outcome.Error(StoreUnavailableError(str(exc))) for _ in batch]
+            with trio.CancelScope(shield=True):
+                return [
+                    await outcome.acapture(
+                        self._call, functools.partial(_pipeline, write, atomic=True)
+                    )
+                    for write in batch
+                ]
+        results: list[outcome.Outcome[Any]] = []
+        start = 0
+        for write in batch:
+            own = replies[start : start + len(write)]
+            start += len(write)
+            failed = next((r for r in own if isinstance(r, redis.RedisError)), None)
+            if failed is None:
+                results.append(outcome.Value(own))
+            else:
+                results.append(outcome.Error(StoreUnavailableError(f"{self._where}: {failed}")))
+        return results
 
     # --- channels ---------------------------------------------------------------------
 

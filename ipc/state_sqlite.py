@@ -1,7 +1,9 @@
 """The embedded StateStore: one SQLite file in WAL mode, shared by every local process.
 
-Each store holds one connection used by one worker thread at a time; every interface
-call is one short transaction. TTLs are `expires_at` columns (epoch seconds).
+Each store holds one connection used by one worker thread at a time; every read is one
+short transaction, and writes are group-committed: those that tasks of one process have
+ready at the same moment go in one transaction (ipc/group_commit.py). TTLs are
+`expires_at` columns (epoch seconds).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import functools
 import json
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
+import outcome
 import trio
 
 from ipc.errors import StoreUnavailableError
+from ipc.group_commit import GroupCommit
 from ipc.sqlite_inline import InlineRunner, retry_busy, transaction
 from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
 
@@ -139,6 +143,7 @@ class SqliteStateStore(StateStore):
         self._ns = namespace.prefix
         # One thread at a time touches the connection.
         self._limiter = trio.CapacityLimiter(1)
+        self._group: GroupCommit[Callable[[sqlite3.Connection], Any]] = GroupCommit(self._commit)
         self._closed = False
         self._next_purge = time.time() + PURGE_INTERVAL
 
@@ -175,23 +180,75 @@ class SqliteStateStore(StateStore):
             raise StoreUnavailableError(f"{self._path}: {exc}") from exc
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
-        """Run fn(connection) in one transaction (taking the write lock when `write`):
-        inline when it need not wait for the lock and no purge is due, else in the thread."""
-        purge_due = write and time.time() >= self._next_purge
-        if self._inline is not None and not self._closed and not purge_due:
+        """Run fn(connection) in one transaction, a write with the other tasks' pending ones
+        (see _write)."""
+        if write:
+            return await self._write(fn)
+        return await self._read(fn)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn(connection) in a write transaction shared with the writes other tasks have
+        ready (ipc/group_commit.py)."""
+        if self._closed:
+            raise StoreUnavailableError(f"{self._path}: the store is closed")
+        return cast("T", await self._group.run(fn))
+
+    async def _commit(
+        self, batch: Sequence[Callable[[sqlite3.Connection], Any]]
+    ) -> list[outcome.Outcome[Any]]:
+        """Run `batch` in one transaction. A write that fails by itself (a bug, a constraint)
+        fails the whole transaction, so then each is run alone and gets its own outcome;
+        when the database failed (locked too long, disk full, read-only), each would too."""
+        results: list[Any] = []
+
+        def run(conn: sqlite3.Connection) -> None:
+            results.clear()
+            results.extend(fn(conn) for fn in batch)
+
+        try:
+            await self._commit_once(run)
+        except Exception as exc:  # noqa: BLE001 -- each caller gets its write's error
+            database_failed = isinstance(exc, StoreUnavailableError) and isinstance(
+                exc.__cause__, sqlite3.OperationalError
+            )
+            if len(batch) == 1:
+                return [outcome.Error(exc)]
+            if database_failed:
+                return [outcome.Error(StoreUnavailableError(str(exc))) for _ in batch]
+            return [await outcome.acapture(self._commit_once, fn) for fn in batch]
+        return [outcome.Value(result) for result in results]
+
+    async def _commit_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn(connection) in one write transaction, not to be cancelled: inline when it need
+        not wait for the lock and no purge is due, else in the thread."""
+        if self._inline is not None and not self._closed and time.time() < self._next_purge:
+            try:
+                attempt = self._inline.run(fn, write=True)
+            except sqlite3.DatabaseError as exc:
+                raise StoreUnavailableError(f"{self._path}: {exc}") from exc
+            if attempt.done:
+                return cast("T", attempt.result)
+        with trio.CancelScope(shield=True):
+            result = await self._run(functools.partial(self._transaction, fn, True))
+        return result
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(connection) in one read transaction: inline when the database lets it,
+        else in the thread."""
+        if self._inline is not None and not self._closed:
             # A cancelled caller stops here, as it would at the threaded path's checkpoint,
             # rather than doing work it can no longer act on.
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                attempt = self._inline.run(fn, write=write)
+                attempt = self._inline.run(fn, write=False)
             except sqlite3.DatabaseError as exc:
                 raise StoreUnavailableError(f"{self._path}: {exc}") from exc
             if attempt.done:
-                # Every trio call checkpoints: other tasks get their turn, and what was
-                # committed is not lost to a cancellation (as with the threaded path).
+                # Every trio call checkpoints: other tasks get their turn (as with the
+                # threaded path).
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return cast("T", attempt.result)
-        return await self._run(functools.partial(self._transaction, fn, write))
+        return await self._run(functools.partial(self._transaction, fn, False))
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
         conn = self._conn
