@@ -5,10 +5,10 @@ WebhookError(permanent, status)   the POST did not get a 2xx answer
 
 The channel process's client is a WebhookClient: an httpx.AsyncClient whose webhook POSTs
 (`post`) skip httpx's client layers (URL merging, header models, cookies, the auth flow, event
-hooks: none of them used here, and a third of a POST's CPU time) and go straight to an
-httpcore connection pool (the library under httpx), with each target's URL, Host and auth
-headers worked out once and each request sent in one write. What goes on the wire is what
-httpx sends: the same headers, no redirects followed, the same timeouts and TLS trust (httpx's
+hooks: none of them used here, and a third of a POST's CPU time) and go straight to a pool of
+h11 connections (channel_proc/h11_pool.py), with each target's URL, Host and auth headers
+worked out once and each request sent in one write. What goes on the wire is what httpx
+sends: the same headers, no redirects followed, the same timeouts and TLS trust (httpx's
 certifi context, SSL_CERT_FILE/SSL_CERT_DIR). With a proxy named in the environment
 (HTTP_PROXY and friends) it POSTs the way any httpx.AsyncClient does, which applies them;
 `post` also takes a plain httpx.AsyncClient.
@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import base64
 import codecs
-import contextlib
 import email.message
 import functools
 import urllib.request
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
-import httpcore
 import httpx
 
-if TYPE_CHECKING:
-    import ssl
-    from collections.abc import AsyncIterator, Iterable
-    from types import TracebackType
+from channel_proc import h11_pool
 
-    from httpcore import SOCKET_OPTION
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from types import TracebackType
 
 #: How much of a failed answer goes into the error reason.
 SNIPPET_BYTES: Final = 200
@@ -113,35 +110,22 @@ def pool_limits(concurrency: int) -> httpx.Limits:
     return httpx.Limits(max_connections=None, max_keepalive_connections=max(20, 4 * concurrency))
 
 
-_HTTPCORE_ERRORS: Final = (
-    httpcore.TimeoutException,
-    httpcore.NetworkError,
-    httpcore.ProtocolError,
-    httpcore.ProxyError,
-)
-
-
 class WebhookClient(httpx.AsyncClient):
     """The channel process's HTTP client: an httpx.AsyncClient (`timeout` bounds each phase:
     connect, send, wait for a connection, each read) whose webhook POSTs (post_json) go
-    through its own httpcore pool; `concurrency` is settings.webhook_concurrency (see
+    through its own h11 pool; `concurrency` is settings.webhook_concurrency (see
     pool_limits). With proxies in the environment, post_json uses httpx's client path, which
     applies them (and NO_PROXY) as before."""
 
     def __init__(self, *, timeout: float, concurrency: int) -> None:
         limits = pool_limits(concurrency)
         super().__init__(timeout=timeout, limits=limits)
-        self._extensions = {
-            "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
-        }
-        self._direct: httpcore.AsyncConnectionPool | None = None
+        self._direct: h11_pool.ConnectionPool | None = None
         if not _environment_proxies():
-            self._direct = httpcore.AsyncConnectionPool(
+            self._direct = h11_pool.ConnectionPool(
                 ssl_context=httpx.create_ssl_context(),
-                network_backend=_OneSendBackend(),
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
+                timeout=timeout,
+                max_idle=limits.max_keepalive_connections or 1,
             )
 
     async def __aexit__(
@@ -174,98 +158,22 @@ class WebhookClient(httpx.AsyncClient):
         """
         if self._direct is None:
             return await _post_httpx(self, target, content, headers, limit)
-        url, head = _wire(target.url, target.token, target.basic_auth)
-        request = httpcore.Request(
-            b"POST",
-            url,
-            headers=[*head, (b"Content-Length", str(len(content)).encode()), *headers],
-            content=content,
-            extensions=self._extensions,
-        )
+        origin, path, head = _wire(target.url, target.token, target.basic_auth)
         try:
-            response = await self._direct.handle_async_request(request)
+            response = await self._direct.post(
+                origin,
+                path,
+                [*head, (b"Content-Length", str(len(content)).encode()), *headers],
+                content,
+            )
             try:
-                return await _read_httpcore(response, limit)
+                return await _read_answer(response, limit)
             finally:
                 await response.aclose()
-        except httpcore.UnsupportedProtocol as exc:
+        except h11_pool.UnsupportedProtocol as exc:
             raise WebhookError(f"cannot post to {target.url}: {exc}", permanent=True) from exc
-        except _HTTPCORE_ERRORS as exc:
+        except h11_pool.HTTPError as exc:
             raise _transport_error(target, exc) from exc
-
-
-class _OneSendStream(httpcore.AsyncNetworkStream):
-    """Holds writes back until the next read, so that a request's head and body leave in one
-    send: a loopback send costs about as much CPU as parsing the whole answer. (httpcore
-    writes them separately, and HTTP/1.1 always reads the answer after writing a request.)
-
-    The `timeout` parameters are httpcore's stream interface (hence the ASYNC109 noqa)."""
-
-    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
-        self._stream = stream
-        self._pending: list[bytes] = []
-        self._timeout: float | None = None
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        if buffer:
-            self._pending.append(buffer)
-            self._timeout = timeout
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            # As httpcore does on a failed write: read on, since a server may answer (e.g.
-            # 413) and close before it took the whole request.
-            with contextlib.suppress(httpcore.WriteError):
-                await self._stream.write(data, self._timeout)
-        return await self._stream.read(max_bytes, timeout)
-
-    async def aclose(self) -> None:
-        self._pending.clear()
-        await self._stream.aclose()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> httpcore.AsyncNetworkStream:
-        tls = await self._stream.start_tls(ssl_context, server_hostname, timeout)
-        return _OneSendStream(tls)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._stream.get_extra_info(info)
-
-
-class _OneSendBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's trio backend, its streams wrapped in _OneSendStream."""
-
-    def __init__(self) -> None:
-        self._backend = httpcore.TrioBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109
-        local_address: str | None = None,
-        socket_options: Iterable[SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _OneSendStream(stream)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109
-        socket_options: Iterable[SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        stream = await self._backend.connect_unix_socket(path, timeout, socket_options)
-        return _OneSendStream(stream)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
 
 
 def _environment_proxies() -> bool:
@@ -280,9 +188,9 @@ def _environment_proxies() -> bool:
 @functools.lru_cache(maxsize=1024)
 def _wire(
     url: str, token: str | None, basic_auth: tuple[str, str] | None
-) -> tuple[httpcore.URL, tuple[tuple[bytes, bytes], ...]]:
-    """The request URL and fixed headers (Host, httpx's defaults, auth) of a target: cached,
-    as building them is a fair part of a POST's CPU time.
+) -> tuple[h11_pool.Origin, bytes, tuple[tuple[bytes, bytes], ...]]:
+    """The origin, request target and fixed headers (Host, httpx's defaults, auth) of a
+    target: cached, as working them out is a fair part of a POST's CPU time.
 
     Raises:
         WebhookError(permanent=True): not a URL, or one without scheme or host.
@@ -304,10 +212,10 @@ def _wire(
         head.append((b"Authorization", b"Basic " + base64.b64encode(user + b":" + password)))
     elif token:
         head.append((b"Authorization", f"Token {token}".encode()))
-    core = httpcore.URL(
-        scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
-    )
-    return core, tuple(head)
+    scheme = parsed.scheme
+    port = parsed.port or {"http": 80, "https": 443}.get(scheme, 0)
+    origin = h11_pool.Origin(scheme, parsed.raw_host.decode("ascii"), port)
+    return origin, parsed.raw_path, tuple(head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +230,8 @@ class Answer:
 
 
 def _transport_error(target: WebhookTarget, exc: Exception) -> WebhookError:
-    # httpx's exceptions carry httpcore's names (ConnectError, ReadTimeout, ...): one wording.
+    # httpx's exceptions and the h11 pool's carry httpcore's names (ConnectError, ReadTimeout,
+    # ...): one wording.
     detail = str(exc) or "no detail"
     return WebhookError(f"post to {target.url} failed: {type(exc).__name__}: {detail}")
 
@@ -352,15 +261,14 @@ async def _post_httpx(
     return Answer(response.status_code, head, oversized, response.encoding or "utf-8")
 
 
-async def _read_httpcore(response: httpcore.Response, limit: int) -> Answer:
-    # The two headers wanted, without building an httpx.Headers (a repeated header: its last).
+async def _read_answer(response: h11_pool.Response, limit: int) -> Answer:
+    # The two headers wanted (h11 gives names in lower case; a repeated header: its last).
     wanted = {b"content-length": "", b"content-type": ""}
     for name, value in response.headers:
-        key = name.lower()
-        if key in wanted:
-            wanted[key] = value.decode("latin-1")
+        if name in wanted:
+            wanted[name] = value.decode("latin-1")
     length, content_type = wanted[b"content-length"], wanted[b"content-type"]
-    head, oversized = await _read(length, response.aiter_stream(), limit)
+    head, oversized = await _read(length, response.body(), limit)
     return Answer(response.status, head, oversized, _charset(content_type))
 
 

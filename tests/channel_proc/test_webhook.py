@@ -10,7 +10,6 @@ import math
 import uuid
 from typing import TYPE_CHECKING
 
-import httpcore
 import httpx
 import pytest
 import trio
@@ -27,7 +26,6 @@ from channel_proc.webhook import (
     post_json,
     signature,
 )
-from channel_proc.webhook_client import _OneSendStream
 from tests.fakes.webhook import DROP
 
 if TYPE_CHECKING:
@@ -40,7 +38,7 @@ TIMEOUT = 2.0
 
 @pytest.fixture(params=["webhook-client", "httpx-client"])
 async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
-    """post_json's two clients: the channel process's WebhookClient (httpcore's pool) and a
+    """post_json's two clients: the channel process's WebhookClient (its h11 pool) and a
     plain httpx.AsyncClient, which behave the same."""
     client: httpx.AsyncClient
     if request.param == "webhook-client":
@@ -244,41 +242,3 @@ async def test_tls_to_a_plain_http_server_is_a_transient_error(
     with pytest.raises(WebhookError, match="ConnectError") as caught:
         await post_json(http, WebhookTarget.parse(webhook.url().replace("http:", "https:")), {})
     assert not caught.value.permanent
-
-
-class _Recording(httpcore.AsyncNetworkStream):
-    """The far end of a stream: records each send; a write may be set to fail."""
-
-    def __init__(self, *, fail_writes: bool = False) -> None:
-        self.sent: list[bytes] = []
-        self.fail_writes = fail_writes
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        if self.fail_writes:
-            raise httpcore.WriteError("peer closed")
-        self.sent.append(buffer)
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        return b"HTTP/1.1 413 Too Large\r\n"
-
-    async def aclose(self) -> None:
-        pass
-
-
-async def test_a_request_head_and_body_leave_in_one_send() -> None:
-    far = _Recording()
-    stream = _OneSendStream(far)
-    await stream.write(b"POST / HTTP/1.1\r\n\r\n")
-    await stream.write(b"{}")
-    assert far.sent == []
-    assert await stream.read(100) == b"HTTP/1.1 413 Too Large\r\n"
-    assert far.sent == [b"POST / HTTP/1.1\r\n\r\n{}"]
-    await stream.read(100)
-    assert far.sent == [b"POST / HTTP/1.1\r\n\r\n{}"]
-
-
-async def test_a_failed_send_still_reads_the_answer() -> None:
-    """As httpcore does: a server may answer, then close before taking the whole body."""
-    stream = _OneSendStream(_Recording(fail_writes=True))
-    await stream.write(b"POST / HTTP/1.1\r\n\r\n{}")
-    assert await stream.read(100) == b"HTTP/1.1 413 Too Large\r\n"
