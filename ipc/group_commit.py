@@ -46,11 +46,16 @@ class GroupCommit(Generic[W]):
     """Batches the writes of one store; see the module docstring. One trio thread only."""
 
     def __init__(
-        self, commit: Callable[[Sequence[W]], Awaitable[Sequence[outcome.Outcome[Any]]]]
+        self,
+        commit: Callable[[Sequence[W]], Awaitable[Sequence[outcome.Outcome[Any]]]],
+        commit_one: Callable[[W], Awaitable[Any]],
     ) -> None:
-        """`commit` writes a batch and gives one outcome per write, in order. It must not be
+        """`commit` writes a batch and gives one outcome per write, in order; `commit_one`
+        writes a batch of one, returning its result or raising its error (the common case
+        when a process is not busy, without the batch's bookkeeping). Neither may be
         cancellable (shield any wait): a batch holds other tasks' writes."""
         self._commit = commit
+        self._commit_one = commit_one
         self._pending: list[_Entry[W]] = []
         self._flushing = False
 
@@ -76,6 +81,8 @@ class GroupCommit(Generic[W]):
             try:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 batch, self._pending = self._pending, []
+                if len(batch) == 1:
+                    return await self._commit_one(write)
                 await self._commit_batch(batch)
             finally:
                 if entry in self._pending:

@@ -161,7 +161,7 @@ class RedisStateStore(StateStore):
         self._namespace = namespace
         self._prefix = f"{settings.key_prefix}:" if settings.key_prefix else ""
         self._where = f"redis://{settings.host}:{settings.port}/{settings.db}"
-        self._group: GroupCommit[Sequence[Command]] = GroupCommit(self._commit)
+        self._group: GroupCommit[Sequence[Command]] = GroupCommit(self._commit, self._commit_one)
 
     @classmethod
     async def connect(cls, settings: RedisSettings, namespace: Namespace) -> RedisStateStore:
@@ -211,6 +211,11 @@ class RedisStateStore(StateStore):
             replies: list[Any] = await self._group.run(commands)
             return replies
         return await self._call(functools.partial(_pipeline, commands, atomic=False))
+
+    async def _commit_one(self, write: Sequence[Command]) -> list[Any]:
+        with trio.CancelScope(shield=True):
+            replies = await self._call(functools.partial(_pipeline, write, atomic=True))
+        return replies
 
     async def _commit(self, batch: Sequence[Sequence[Command]]) -> list[outcome.Outcome[Any]]:
         """Every write of `batch` in one MULTI/EXEC; each gets its own replies, or the error

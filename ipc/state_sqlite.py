@@ -143,7 +143,9 @@ class SqliteStateStore(StateStore):
         self._ns = namespace.prefix
         # One thread at a time touches the connection.
         self._limiter = trio.CapacityLimiter(1)
-        self._group: GroupCommit[Callable[[sqlite3.Connection], Any]] = GroupCommit(self._commit)
+        self._group: GroupCommit[Callable[[sqlite3.Connection], Any]] = GroupCommit(
+            self._commit, self._commit_once
+        )
         self._closed = False
         self._next_purge = time.time() + PURGE_INTERVAL
 

@@ -27,6 +27,10 @@ class Store:
         self.gate: trio.Event | None = None
         self.broken = False
 
+    async def commit_one(self, write: int) -> Any:
+        (result,) = await self.commit([write])
+        return result.unwrap()
+
     async def commit(self, batch: Sequence[int]) -> list[outcome.Outcome[Any]]:
         if self.gate is not None:
             with trio.CancelScope(shield=True):
@@ -43,7 +47,7 @@ def gated() -> tuple[Store, trio.Event, GroupCommit[int]]:
     """A store whose commits wait for the event, and its group."""
     store = Store()
     store.gate = trio.Event()
-    return store, store.gate, GroupCommit(store.commit)
+    return store, store.gate, GroupCommit(store.commit, store.commit_one)
 
 
 async def start(nursery: trio.Nursery, group: GroupCommit[int], *writes: int) -> None:
@@ -55,7 +59,7 @@ async def start(nursery: trio.Nursery, group: GroupCommit[int], *writes: int) ->
 
 async def test_writes_ready_together_share_a_batch_and_get_their_own_results() -> None:
     store = Store()
-    group = GroupCommit(store.commit)
+    group = GroupCommit(store.commit, store.commit_one)
     results: dict[int, object] = {}
 
     async def write(n: int) -> None:
@@ -75,7 +79,7 @@ async def test_writes_ready_together_share_a_batch_and_get_their_own_results() -
 
 async def test_a_write_alone_is_committed_alone() -> None:
     store = Store()
-    group = GroupCommit(store.commit)
+    group = GroupCommit(store.commit, store.commit_one)
     assert [await group.run(n) for n in (1, 2)] == [10, 20]
     assert store.batches == [[1], [2]]
 
@@ -121,7 +125,7 @@ async def test_a_waiter_cancelled_first_in_line_does_not_strand_the_rest() -> No
 async def test_a_bug_in_the_commit_reaches_every_writer_and_does_not_stick() -> None:
     store = Store()
     store.broken = True
-    group = GroupCommit(store.commit)
+    group = GroupCommit(store.commit, store.commit_one)
     heard: list[BaseException] = []
 
     async def write(n: int) -> None:
@@ -145,7 +149,7 @@ async def test_a_bug_in_the_commit_reaches_every_writer_and_does_not_stick() -> 
 @pytest.mark.parametrize("writers", [1, 50])
 async def test_every_write_is_committed_once(writers: int) -> None:
     store = Store()
-    group = GroupCommit(store.commit)
+    group = GroupCommit(store.commit, store.commit_one)
     async with trio.open_nursery() as nursery:
         for n in range(writers):
             nursery.start_soon(group.run, n)

@@ -65,6 +65,8 @@ def count_transactions(store: SqliteStateStore, monkeypatch: pytest.MonkeyPatch)
         return result
 
     monkeypatch.setattr(store, "_commit_once", counting)
+    # A batch of one goes straight to it, through the group's own reference.
+    monkeypatch.setattr(store._group, "_commit_one", counting)
     return seen
 
 
