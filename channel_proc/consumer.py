@@ -17,6 +17,7 @@ from ipc.errors import ProtocolError
 
 if TYPE_CHECKING:
     import logging
+    from collections.abc import Mapping
 
     import trio
 
@@ -77,10 +78,11 @@ class QueueConsumer(abc.ABC):
                 await self._handle_inbound(consumer, delivery, turn, msg)
 
     async def _event(self, consumer: Consumer, delivery: Delivery, turn: Turn) -> None:
-        event = await self._take_event(consumer, delivery, turn)
-        if event is not None:
+        taken = await self._take_event(consumer, delivery, turn)
+        if taken is not None:
+            event, record = taken
             with message_context(event.user_message_id):
-                await self._handle_event(consumer, delivery, turn, event)
+                await self._handle_event(consumer, delivery, turn, event, record)
 
     @abc.abstractmethod
     async def _handle_inbound(
@@ -90,9 +92,16 @@ class QueueConsumer(abc.ABC):
 
     @abc.abstractmethod
     async def _handle_event(
-        self, consumer: Consumer, delivery: Delivery, turn: Turn, event: VumiEvent
+        self,
+        consumer: Consumer,
+        delivery: Delivery,
+        turn: Turn,
+        event: VumiEvent,
+        record: Mapping[str, object] | None,
     ) -> None:
-        """Deliver a decoded and stored event, then ack it (or leave it unacked)."""
+        """Deliver a decoded and stored event, then ack it (or leave it unacked). `record`
+        is its message's send record under this channel, read as the event was stored (None
+        when there is none)."""
 
     async def _take_inbound(
         self, consumer: Consumer, delivery: Delivery, turn: Turn
@@ -114,9 +123,10 @@ class QueueConsumer(abc.ABC):
 
     async def _take_event(
         self, consumer: Consumer, delivery: Delivery, turn: Turn
-    ) -> VumiEvent | None:
-        """The event, stored with its message's events when it names one; None when it could
-        not be decoded (then it is dead-lettered and acked) or a stop came first."""
+    ) -> tuple[VumiEvent, Mapping[str, object] | None] | None:
+        """The event, stored with its message's events when it names one, and that
+        message's send record; None when it could not be decoded (then it is dead-lettered
+        and acked) or a stop came first."""
         try:
             event = decode_vumi_event(delivery.body)
         except ProtocolError as exc:
@@ -127,15 +137,17 @@ class QueueConsumer(abc.ABC):
             # A message's events are listed in the order stored (the last one is its status).
             if not await turn.wait_to_record():
                 return None
-            await self._store.add_event(
+            record = await self._store.add_event(
                 self._cid,
                 mid,
                 event.event_id,
                 event.model_dump(mode="json"),
                 self._settings.outbound_message_ttl,
             )
+        else:
+            record = None
         turn.recorded()
-        return event
+        return event, record
 
     async def _reject(
         self, consumer: Consumer, delivery: Delivery, turn: Turn, source: str, exc: ProtocolError

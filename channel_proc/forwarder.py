@@ -252,13 +252,17 @@ class Forwarder(QueueConsumer):
     # --- events -----------------------------------------------------------------------
 
     async def _handle_event(
-        self, consumer: Consumer, delivery: Delivery, turn: Turn, event: VumiEvent
+        self,
+        consumer: Consumer,
+        delivery: Delivery,
+        turn: Turn,
+        event: VumiEvent,
+        record: Mapping[str, object] | None,
     ) -> None:
         source = self._ns.event_queue(self._cid)
-        record: Mapping[str, object] | None = None
         if event.user_message_id is None:
             self._log.warning("cannot store event %s: missing user_message_id", event.event_id)
-        else:
+        elif record is None:
             record = await self._event_record(event, event.user_message_id)
         event_type = junebug_event_type(event)
         event_url = record.get("event_url") if record is not None else None
@@ -291,7 +295,8 @@ class Forwarder(QueueConsumer):
         await consumer.ack(delivery)
 
     async def _event_record(self, event: VumiEvent, message_id: str) -> Mapping[str, object] | None:
-        """The send record of an event's message (event_url, event_auth_token), if kept."""
+        """The send record of an event's message (event_url, event_auth_token), if kept,
+        when none was stored under this channel with the event."""
         stored = await self._store.get_outbound(
             self._cid, message_id, self._settings.outbound_message_ttl
         )

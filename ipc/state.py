@@ -109,8 +109,12 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def add_event(
         self, channel_id: str, message_id: str, event_id: str, event: JsonObject, ttl: float
-    ) -> None:
-        """Add one event to an outbound record (creating the record if it is missing)."""
+    ) -> JsonObject | None:
+        """Add one event to an outbound record (creating the record if it is missing).
+
+        Returns the send record (as put_outbound stored it), None when there is none: what
+        an event's forwarder needs next (its event_url), read in the same transaction.
+        """
 
     @abc.abstractmethod
     async def get_outbound(

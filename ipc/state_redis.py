@@ -339,10 +339,13 @@ class RedisStateStore(StateStore):
 
     async def add_event(
         self, channel_id: str, message_id: str, event_id: str, event: JsonObject, ttl: float
-    ) -> None:
-        await self._execute(
-            *self._add_event(channel_id, message_id, event_id, _dump(event), _ms(ttl))
+    ) -> JsonObject | None:
+        key, _ = self._outbound_keys(channel_id, message_id)
+        *_, raw = await self._execute(
+            *self._add_event(channel_id, message_id, event_id, _dump(event), _ms(ttl)),
+            ("HGET", key, "message"),
         )
+        return None if raw is None else json.loads(raw)
 
     async def write_outbound(self, writes: OutboundWrites) -> None:
         mid, ttl_ms = writes.message_id, _ms(writes.ttl)

@@ -409,22 +409,27 @@ class SqliteStateStore(StateStore):
         now: float,
         *,
         record_live: bool = False,
-    ) -> None:
-        """`record_live`: this transaction has just written the record with `expires`, in
-        the future, so it needs neither the expiry check nor the refresh."""
+    ) -> str | None:
+        """The send record as stored (None when there is none). `record_live`: this
+        transaction has just written the record with `expires`, in the future, so it needs
+        neither the expiry check nor the refresh (and None is returned)."""
+        record = None
         if not record_live:
             self._drop_expired_outbound(conn, cid, mid, now)
-            conn.execute(
+            # fetchall: a RETURNING statement left unfinished would block the COMMIT.
+            rows = conn.execute(
                 "INSERT INTO outbound VALUES (?, ?, ?, NULL, ?) ON CONFLICT DO UPDATE"
-                " SET expires_at=excluded.expires_at",
+                " SET expires_at=excluded.expires_at RETURNING message",
                 (self._ns, cid, mid, expires),
-            )
+            ).fetchall()
+            record = rows[0][0] if rows else None
         # A redelivered event replaces its earlier copy and keeps its place.
         conn.execute(
             "INSERT INTO outbound_events (ns, channel_id, message_id, event_id, event)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET event=excluded.event",
             (self._ns, cid, mid, event_id, event),
         )
+        return record
 
     async def put_outbound(
         self, channel_id: str, message_id: str, record: JsonObject, ttl: float
@@ -438,15 +443,16 @@ class SqliteStateStore(StateStore):
 
     async def add_event(
         self, channel_id: str, message_id: str, event_id: str, event: JsonObject, ttl: float
-    ) -> None:
+    ) -> JsonObject | None:
         now = time.time()
         raw = _dump(event)
-        await self._call(
+        record = await self._call(
             lambda conn: self._add_event(
                 conn, channel_id, message_id, event_id, raw, now + ttl, now
             ),
             write=True,
         )
+        return None if record is None else _load(record)
 
     async def write_outbound(self, writes: OutboundWrites) -> None:
         now = time.time()

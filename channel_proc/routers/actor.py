@@ -25,6 +25,8 @@ from channel_proc.routers.logs import router_logger
 from ipc.payloads import junebug_event_type
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from channel_proc.lane import Turn
     from channel_proc.lifecycle import Shutdown
     from channel_proc.routers.loading import Routing
@@ -116,16 +118,18 @@ class RouterActor(QueueConsumer):
         return [sender] if isinstance(sender, str) and sender in self._router.destinations else []
 
     async def _handle_event(
-        self, consumer: Consumer, delivery: Delivery, turn: Turn, event: VumiEvent
+        self,
+        consumer: Consumer,
+        delivery: Delivery,
+        turn: Turn,
+        event: VumiEvent,
+        record: Mapping[str, object] | None,
     ) -> None:
         mid = event.user_message_id
-        ttl = self._settings.outbound_message_ttl
         if mid is None:
             self._log.warning("event %s has no user_message_id: not routed", event.event_id)
             targets: list[str] = []
         else:
-            stored = await self._store.get_outbound(self._cid, mid, ttl)
-            record = stored.message if stored is not None else None
             targets = self._router.event_destinations(self._cid, event, record)
             if not targets:
                 self._log.warning(

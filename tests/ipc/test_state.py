@@ -252,6 +252,23 @@ async def test_add_event_creates_record_without_message(store: StateStore) -> No
     assert await store.get_outbound("c2", "m1", LONG_TTL) is None
 
 
+async def test_add_event_returns_the_send_record(store: StateStore) -> None:
+    assert await store.add_event("c1", "m1", "e1", _event(1), LONG_TTL) is None
+    await store.put_outbound("c1", "m2", {"event_url": "http://e/"}, LONG_TTL)
+    assert await store.add_event("c1", "m2", "e1", _event(1), LONG_TTL) == {
+        "event_url": "http://e/"
+    }
+    # Another channel's record is not this one's.
+    assert await store.add_event("c2", "m2", "e1", _event(1), LONG_TTL) is None
+
+
+@pytest.mark.slow
+async def test_add_event_after_the_record_expired_returns_none(store: StateStore) -> None:
+    await store.put_outbound("c1", "m1", {"content": "a"}, TTL)
+    await wait_ttl_passed(store)
+    assert await store.add_event("c1", "m1", "e1", _event(1), LONG_TTL) is None
+
+
 @pytest.mark.slow
 async def test_outbound_expires_with_its_events(store: StateStore) -> None:
     await store.put_outbound("c1", "m1", {"content": "a"}, TTL)
