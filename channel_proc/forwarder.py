@@ -391,6 +391,7 @@ class Forwarder(QueueConsumer):
             try:
                 result = await self._post(target, body, delivery.delivery_id)
             except WebhookError as exc:
+                turn.failed()
                 self._counters.inc("webhook_failures_total", delivery.target)
                 await self._record_attempt(delivery, attempt, exc.status, exc.reason)
                 age = trio.current_time() - first_attempt

@@ -5,9 +5,10 @@ marks the moment its outward work starts (`Turn.begin`), and those moments follo
 whatever the handlers did before (decoding, storing). A write whose order matters (a message's
 events, listed in the order stored) goes between `Turn.wait_to_record` and `Turn.recorded`,
 which also follow queue order. A handler whose attempt failed calls
-`Turn.wait_to_retry`: while any delivery of the lane is failing, no new one begins, and only
-the earliest failing one retries (with its own backoff); the others wait for it to settle,
-so a dead receiver sees one probe at a time and a backlog keeps its order. With `limit` 1,
+`Turn.wait_to_retry`: while any delivery of the lane is failing, no new one begins, and a
+failing one retries only when no earlier one is unsettled (failing, or in flight with its
+outcome not known yet); so the earliest retries, with its own backoff, the others wait for it
+to settle, a dead receiver sees one probe at a time and a backlog keeps its order. With `limit` 1,
 handling is strictly sequential.
 
 Every handler runs under `Shutdown.busy()`: a stop lets in-flight deliveries finish within
@@ -78,6 +79,8 @@ class Lane:
         self._records = _Sequence(shutdown)
         #: Positions whose last attempt failed and that have not settled yet.
         self._failing: set[int] = set()
+        #: Positions that have begun and not settled yet (the failing ones among them).
+        self._open: set[int] = set()
         #: Set (and replaced) when a slot frees or the failing set changes.
         self._changed = trio.Event()
 
@@ -140,32 +143,44 @@ class Turn:
             if not await lane.wait_change():
                 return False
         self._begun = True
+        lane._open.add(self.position)
         lane._starts.passed(self.position)
         return True
 
     async def wait_to_retry(self) -> bool | None:
-        """After a failed attempt: wait until this delivery is the lane's earliest failing one.
+        """After a failed attempt: wait until no earlier delivery of the lane is unsettled,
+        failing or still in flight (one whose failure is not known yet must not be
+        overtaken: its retry comes first).
 
-        Returns True when it is (it should back off, then retry: it probes the receiver),
-        None when it became so only after waiting for earlier ones to settle (retry at once:
-        the receiver may well be back), False when a stop was requested meanwhile.
+        Returns True when none was (it should back off, then retry: it probes the
+        receiver), None when it had to wait for earlier ones to settle (retry at once: the
+        receiver may well be back), False when a stop was requested meanwhile.
         """
         lane = self._lane
-        if self.position not in lane._failing:
-            lane._failing.add(self.position)
-            lane.notify()
+        self.failed()
         waited = False
-        while min(lane._failing) != self.position:
+        while self._behind_others():
             waited = True
             if not await lane.wait_change():
                 return False
         return None if waited else True
 
+    def failed(self) -> None:
+        """Its attempt just failed: from now on no new delivery begins and later failing
+        ones hold their retries. Call it before anything that waits (recording the attempt),
+        or a delivery that begins meanwhile could overtake this one's retry."""
+        lane = self._lane
+        if self.position not in lane._failing:
+            lane._failing.add(self.position)
+            lane.notify()
+
+    def _behind_others(self) -> bool:
+        return any(position < self.position for position in self._lane._open)
+
     @property
     def probing(self) -> bool:
-        """Whether this is the lane's earliest failing delivery (the one that retries)."""
-        failing = self._lane._failing
-        return bool(failing) and min(failing) == self.position
+        """Whether this is the failing delivery that retries: no earlier one is unsettled."""
+        return self.position in self._lane._failing and not self._behind_others()
 
     def settle(self) -> None:
         """Delivered, given up or abandoned: it no longer holds anything up."""
@@ -174,7 +189,8 @@ class Turn:
         if not self._begun:
             self._begun = True
             lane._starts.passed(self.position)
-        if self.position in lane._failing:
+        if self.position in lane._open or self.position in lane._failing:
+            lane._open.discard(self.position)
             lane._failing.discard(self.position)
             lane.notify()
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import tracemalloc
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import trio
 
-from channel_proc.forwarder import Routes
+from channel_proc.forwarder import Forwarder, Routes
 from channel_proc.logs import current_message_id
 from channel_proc.transports.base import StatusLevel
 from channel_proc.webhook import WebhookClient, WebhookError, WebhookTarget, post_json
@@ -108,6 +108,47 @@ async def test_forwarder_outage_probes_with_one_delivery_and_keeps_the_order(
     reports = [(r.component, r.level, r.type) for r in inbox.reports()]
     assert reports[0] == ("mo_url", StatusLevel.DEGRADED, "delivery_failing")
     assert reports[-1] == ("mo_url", StatusLevel.OK, "delivery_recovered")
+
+
+async def test_a_failure_not_yet_known_is_not_overtaken(
+    forwarding: Forwarders,
+    channel_id: str,
+    broker: Broker,
+    namespace: Namespace,
+    webhook: FakeWebhook,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The third first-attempt failure takes a second to be recorded (a slow store); the
+    # receiver comes back meanwhile. Neither the failed deliveries after it nor new ones
+    # may be delivered before its retry.
+    sent = await queue_messages(broker, namespace, channel_id, 6)
+    real_record = Forwarder._record_attempt
+    first_failures = 0
+
+    async def slow_record(self: Forwarder, *args: Any, **kwargs: Any) -> None:
+        nonlocal first_failures
+        attempt = args[1]
+        if attempt == 1 and not kwargs.get("delivered"):
+            first_failures += 1
+            if first_failures == 3:
+                await trio.sleep(1.0)
+        await real_record(self, *args, **kwargs)
+
+    monkeypatch.setattr(Forwarder, "_record_attempt", slow_record)
+    webhook.go_down(status=503)
+    routes = Routes(mo_url=webhook.url("/mo"))
+    async with forwarding(routes=routes, webhook_concurrency=4):
+        with trio.fail_after(WAIT):
+            await webhook.wait_for_requests(6)
+        webhook.come_up()
+        with trio.fail_after(WAIT):
+            await webhook.wait_for_requests(6, delivered_only=True)
+        await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
+    delivered = contents(webhook.delivered)
+    # The four that failed in the outage, in queue order; the last two, begun together
+    # afterwards, may finish in either order.
+    assert delivered[:4] == sent[:4]
+    assert sorted(delivered) == sorted(sent)
 
 
 @pytest.mark.slow
