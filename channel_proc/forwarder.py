@@ -295,12 +295,10 @@ class Forwarder(QueueConsumer):
         await consumer.ack(delivery)
 
     async def _event_record(self, event: VumiEvent, message_id: str) -> Mapping[str, object] | None:
-        """The send record of an event's message (event_url, event_auth_token), if kept,
-        when none was stored under this channel with the event."""
-        stored = await self._store.get_outbound(
-            self._cid, message_id, self._settings.outbound_message_ttl
-        )
-        return stored.message if stored is not None else None
+        """The send record of an event's message (event_url, event_auth_token) kept under
+        another owner, when none came with the event from this channel's (a channel's
+        forwarder has no other)."""
+        return None
 
     async def _forward_event(
         self,

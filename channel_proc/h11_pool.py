@@ -67,6 +67,11 @@ class UnsupportedProtocol(HTTPError):  # noqa: N818 -- httpcore's name, quoted i
     """Neither http nor https: sending it again cannot help."""
 
 
+def _reason(exc: BaseException) -> str:
+    """What a socket or TLS failure says (trio wraps the OS or SSL error as its cause)."""
+    return str(exc.__cause__ or exc) or type(exc).__name__
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     scheme: str
@@ -226,7 +231,7 @@ class ConnectionPool:
             except (OSError, trio.BrokenResourceError) as exc:
                 if stream is not None:
                     await trio.aclose_forcefully(stream)
-                raise ConnectError(str(exc.__cause__ or exc) or type(exc).__name__) from exc
+                raise ConnectError(_reason(exc)) from exc
             return _Connection(stream, plain.socket)
         if stream is not None:
             await trio.aclose_forcefully(stream)
@@ -257,7 +262,7 @@ class ConnectionPool:
                 try:
                     data = await connection.stream.receive_some(READ_SIZE)
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise ReadError(str(exc.__cause__ or exc) or type(exc).__name__) from exc
+                    raise ReadError(_reason(exc)) from exc
             if waited.cancelled_caught:
                 raise ReadTimeout(f"no answer within {self._timeout:g} s")
             if not data and protocol.their_state is h11.SEND_RESPONSE:

@@ -35,10 +35,9 @@ class _Entry(Generic[W]):
     """One write waiting for its batch, and what came of it."""
 
     write: W
-    #: Set when the write is done, or when its task is to commit the next batch; made only
-    #: for a write that waits (most do not).
+    #: Set when the write is done, or (while it is still pending) when its task is to
+    #: commit the next batch; made only for a write that waits (most do not).
     wake: trio.Event | None = None
-    promoted: bool = False
     result: outcome.Outcome[Any] | None = None
 
 
@@ -71,7 +70,8 @@ class GroupCommit(Generic[W]):
             except BaseException:
                 if entry in self._pending:
                     self._pending.remove(entry)
-                    if entry.promoted:
+                    if entry.wake.is_set():
+                        # It was to commit the next batch: that falls to the next in line.
                         self._hand_over()
                 raise
         else:
@@ -96,7 +96,6 @@ class GroupCommit(Generic[W]):
         self._flushing = bool(self._pending)
         if self._pending:
             successor = self._pending[0]
-            successor.promoted = True
             if successor.wake is not None:
                 successor.wake.set()
 

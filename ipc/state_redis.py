@@ -218,10 +218,11 @@ class RedisStateStore(StateStore):
         return replies
 
     async def _commit(self, batch: Sequence[Sequence[Command]]) -> list[outcome.Outcome[Any]]:
-        """Every write of `batch` in one MULTI/EXEC; each gets its own replies, or the error
-        of its own failed command (Redis runs the others of the transaction regardless).
-        When the transaction was refused whole (a command Redis would not queue), each
-        write is sent alone; when Redis did not answer, each would fail too."""
+        """Every write of `batch` (two or more: one goes to _commit_one) in one MULTI/EXEC;
+        each gets its own replies, or the error of its own failed command (Redis runs the
+        others of the transaction regardless). When the transaction was refused whole (a
+        command Redis would not queue), each write is sent alone; when Redis did not answer,
+        each would fail too."""
         commands = [command for write in batch for command in write]
         try:
             with trio.CancelScope(shield=True):
@@ -229,17 +230,9 @@ class RedisStateStore(StateStore):
                     functools.partial(_pipeline, commands, atomic=True, raise_on_error=False)
                 )
         except StoreUnavailableError as exc:
-            if len(batch) == 1:
-                return [outcome.Error(exc)]
             if not isinstance(exc.__cause__, redis.ResponseError):
                 return [outcome.Error(StoreUnavailableError(str(exc))) for _ in batch]
-            with trio.CancelScope(shield=True):
-                return [
-                    await outcome.acapture(
-                        self._call, functools.partial(_pipeline, write, atomic=True)
-                    )
-                    for write in batch
-                ]
+            return [await outcome.acapture(self._commit_one, write) for write in batch]
         results: list[outcome.Outcome[Any]] = []
         start = 0
         for write in batch:

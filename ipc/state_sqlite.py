@@ -20,7 +20,7 @@ import trio
 
 from ipc.errors import StoreUnavailableError
 from ipc.group_commit import GroupCommit
-from ipc.sqlite_inline import InlineRunner, retry_busy, transaction
+from ipc.sqlite_inline import Attempt, InlineRunner, retry_busy, transaction
 from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
 
 if TYPE_CHECKING:
@@ -198,9 +198,10 @@ class SqliteStateStore(StateStore):
     async def _commit(
         self, batch: Sequence[Callable[[sqlite3.Connection], Any]]
     ) -> list[outcome.Outcome[Any]]:
-        """Run `batch` in one transaction. A write that fails by itself (a bug, a constraint)
-        fails the whole transaction, so then each is run alone and gets its own outcome;
-        when the database failed (locked too long, disk full, read-only), each would too."""
+        """Run `batch` (two writes or more: one goes to _commit_once) in one transaction. A
+        write that fails by itself (a bug, a constraint) fails the whole transaction, so then
+        each is run alone and gets its own outcome; when the database failed (locked too
+        long, disk full, read-only), each would too."""
         results: list[Any] = []
 
         def run(conn: sqlite3.Connection) -> None:
@@ -213,8 +214,6 @@ class SqliteStateStore(StateStore):
             database_failed = isinstance(exc, StoreUnavailableError) and isinstance(
                 exc.__cause__, sqlite3.OperationalError
             )
-            if len(batch) == 1:
-                return [outcome.Error(exc)]
             if database_failed:
                 return [outcome.Error(StoreUnavailableError(str(exc))) for _ in batch]
             return [await outcome.acapture(self._commit_once, fn) for fn in batch]
@@ -223,11 +222,8 @@ class SqliteStateStore(StateStore):
     async def _commit_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """fn(connection) in one write transaction, not to be cancelled: inline when it need
         not wait for the lock and no purge is due, else in the thread."""
-        if self._inline is not None and not self._closed and time.time() < self._next_purge:
-            try:
-                attempt = self._inline.run(fn, write=True)
-            except sqlite3.DatabaseError as exc:
-                raise StoreUnavailableError(f"{self._path}: {exc}") from exc
+        if time.time() < self._next_purge:
+            attempt = self._try_inline(fn, write=True)
             if attempt.done:
                 return cast("T", attempt.result)
         with trio.CancelScope(shield=True):
@@ -237,20 +233,26 @@ class SqliteStateStore(StateStore):
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(connection) in one read transaction: inline when the database lets it,
         else in the thread."""
-        if self._inline is not None and not self._closed:
-            # A cancelled caller stops here, as it would at the threaded path's checkpoint,
-            # rather than doing work it can no longer act on.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            try:
-                attempt = self._inline.run(fn, write=False)
-            except sqlite3.DatabaseError as exc:
-                raise StoreUnavailableError(f"{self._path}: {exc}") from exc
-            if attempt.done:
-                # Every trio call checkpoints: other tasks get their turn (as with the
-                # threaded path).
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return cast("T", attempt.result)
+        # A cancelled caller stops here, as it would at the threaded path's checkpoint,
+        # rather than doing work it can no longer act on.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        attempt = self._try_inline(fn, write=False)
+        if attempt.done:
+            # Every trio call checkpoints: other tasks get their turn (as with the threaded
+            # path).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return cast("T", attempt.result)
         return await self._run(functools.partial(self._transaction, fn, False))
+
+    def _try_inline(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> Attempt[T]:
+        """fn(connection) on trio's thread if the database need not be waited for (see
+        ipc/sqlite_inline.py); not done when it must be, or when there is no inline runner."""
+        if self._inline is None or self._closed:
+            return Attempt()
+        try:
+            return self._inline.run(fn, write=write)
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailableError(f"{self._path}: {exc}") from exc
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
         conn = self._conn

@@ -90,14 +90,13 @@ class DestinationForwarder(Forwarder):
         return api_message(msg, msg.transport_name or self._outbound_channel)
 
     async def _event_record(self, event: VumiEvent, message_id: str) -> Mapping[str, object] | None:
-        """The destination's copy of the send record, else the channel's (a message sent
-        through the channel endpoint and routed back here by address)."""
+        """The channel's copy of the send record (a message sent through the channel
+        endpoint and routed back here by address); the destination's own came with the
+        event."""
         ttl = self._settings.outbound_message_ttl
-        for owner in (self._cid, event.transport_name or self._outbound_channel):
-            stored = await self._store.get_outbound(owner, message_id, ttl)
-            if stored is not None and stored.message is not None:
-                return stored.message
-        return None
+        owner = event.transport_name or self._outbound_channel
+        stored = await self._store.get_outbound(owner, message_id, ttl)
+        return stored.message if stored is not None else None
 
     def _relay_queue(self) -> str:
         return self._ns.outbound_queue(self._outbound_channel)
