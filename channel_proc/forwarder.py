@@ -42,6 +42,7 @@ from ipc.codec import decode_vumi_message
 from ipc.errors import ProtocolError
 from ipc.names import amqp_event_key, amqp_inbound_key, amqp_outbound_queue
 from ipc.payloads import api_event, api_message, junebug_event_type, vumi_timestamp
+from ipc.state import OutboundWrites, RateCount
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -195,12 +196,15 @@ class Forwarder(QueueConsumer):
         self, consumer: Consumer, delivery: Delivery, turn: Turn, msg: VumiMessage
     ) -> None:
         source = self._ns.inbound_queue(self._cid)
+        count = self._count_with_delivery("inbound")
+        counted = False
         if self._mo is not None:
             what = f"inbound message {msg.message_id}"
             body = self._mo_body(msg)
-            outcome = await self._post_mo(self._mo, msg, body, what, turn)
+            outcome = await self._post_mo(self._mo, msg, body, what, turn, count)
             if outcome is Outcome.STOPPED:
                 return
+            counted = outcome is Outcome.DELIVERED and count is not None
             if outcome is Outcome.GAVE_UP:
                 if not await turn.begin():
                     return
@@ -211,7 +215,7 @@ class Forwarder(QueueConsumer):
             key = amqp_inbound_key(self._amqp_queue)
             await self._broker.publish(key, delivery.body)
             self._log.info("inbound message %s published to %s", msg.message_id, key)
-        await self._count("inbound")
+        await self._count("inbound", stored=counted)
         await consumer.ack(delivery)
 
     def _mo_body(self, msg: VumiMessage) -> dict[str, object]:
@@ -225,6 +229,7 @@ class Forwarder(QueueConsumer):
         body: Mapping[str, object],
         what: str,
         turn: Turn,
+        count: str | None = None,
     ) -> Outcome:
         values = {
             "message_id": msg.message_id,
@@ -247,7 +252,7 @@ class Forwarder(QueueConsumer):
             message_id=msg.message_id,
             delivery_id=delivery_id(MO_TARGET, msg.message_id),
         )
-        return await self._deliver(attempt, body, what, turn)
+        return await self._deliver(attempt, body, what, turn, count)
 
     # --- events -----------------------------------------------------------------------
 
@@ -267,13 +272,16 @@ class Forwarder(QueueConsumer):
         event_type = junebug_event_type(event)
         event_url = record.get("event_url") if record is not None else None
         mid = event.user_message_id
+        count = None if event_type is None else self._count_with_delivery(event_type)
+        counted = False
         if isinstance(event_url, str) and event_url and record is not None and mid is not None:
             what = f"{event_type} event {event.event_id} of message {mid}"
             outcome = await self._forward_event(
-                event_url, record, event_type, event, mid, what, turn
+                event_url, record, event_type, event, mid, what, turn, count
             )
             if outcome is Outcome.STOPPED:
                 return
+            counted = outcome is Outcome.DELIVERED and count is not None
             if outcome is Outcome.GAVE_UP:
                 if not await turn.begin():
                     return
@@ -291,7 +299,7 @@ class Forwarder(QueueConsumer):
                 key,
             )
         if event_type is not None:
-            await self._count(event_type)
+            await self._count(event_type, stored=counted)
         await consumer.ack(delivery)
 
     async def _event_record(self, event: VumiEvent, message_id: str) -> Mapping[str, object] | None:
@@ -309,6 +317,7 @@ class Forwarder(QueueConsumer):
         message_id: str,
         what: str,
         turn: Turn,
+        count: str | None = None,
     ) -> Outcome:
         if event_type is None:
             self._log.info("discarding unrecognised event %s", event.event_id)
@@ -342,7 +351,7 @@ class Forwarder(QueueConsumer):
             message_id=message_id,
             delivery_id=delivery_id(EVENT_TARGET, event.event_id),
         )
-        return await self._deliver(attempt, body, what, turn)
+        return await self._deliver(attempt, body, what, turn, count)
 
     # --- AMQP-originated outbound -----------------------------------------------------
 
@@ -365,10 +374,16 @@ class Forwarder(QueueConsumer):
     # --- helpers ----------------------------------------------------------------------
 
     async def _deliver(
-        self, delivery: _Delivery, body: Mapping[str, object], what: str, turn: Turn
+        self,
+        delivery: _Delivery,
+        body: Mapping[str, object],
+        what: str,
+        turn: Turn,
+        count: str | None = None,
     ) -> Outcome:
         """POST until a 2xx answer, backing off; give up after settings.webhook_max_age.
         Each attempt is recorded in the message's timeline; each failed one is counted.
+        `count`: a rate label (see _count_with_delivery) written with the delivered attempt.
 
         The first attempt waits for its turn in queue order; after a failure, only the
         queue's earliest failing delivery retries (see channel_proc.lane). The age counts
@@ -418,7 +433,9 @@ class Forwarder(QueueConsumer):
                     note = (
                         f"answer over {self._settings.webhook_max_response_bytes} bytes: discarded"
                     )
-                await self._record_attempt(delivery, attempt, result.status, note, delivered=True)
+                await self._record_attempt(
+                    delivery, attempt, result.status, note, delivered=True, count=count
+                )
                 self._log.info("%s delivered to %s", what, component)
                 self._report_recovered(component, target)
                 return Outcome.DELIVERED
@@ -480,9 +497,11 @@ class Forwarder(QueueConsumer):
         error: str | None,
         *,
         delivered: bool = False,
+        count: str | None = None,
     ) -> None:
-        """One timeline entry per attempt, stored with the message's events. `error` is why
-        it failed, or a note on a delivered one (an oversized answer)."""
+        """One timeline entry per attempt, stored with the message's events, and the rate
+        count `count` with it. `error` is why it failed, or a note on a delivered one (an
+        oversized answer)."""
         entry = {
             "message_type": "timeline",
             "timestamp": vumi_timestamp(),
@@ -495,12 +514,14 @@ class Forwarder(QueueConsumer):
                 "delivered": delivered,
             },
         }
-        await self._store.add_event(
-            self._cid,
-            delivery.message_id,
-            uuid.uuid4().hex,
-            entry,
-            self._settings.outbound_message_ttl,
+        await self._store.write_outbound(
+            OutboundWrites(
+                message_id=delivery.message_id,
+                owners=(self._cid,),
+                ttl=self._settings.outbound_message_ttl,
+                entry=(uuid.uuid4().hex, entry),
+                rates=() if count is None else (self._rate(count),),
+            )
         )
 
     def _report_failing(self, component: str, target: WebhookTarget, reason: str) -> None:
@@ -527,13 +548,24 @@ class Forwarder(QueueConsumer):
             {"url": target.url},
         )
 
-    async def _count(self, label: str) -> None:
-        """`label` is "inbound" or a Junebug event type."""
+    def _count_with_delivery(self, label: str) -> str | None:
+        """`label` when its rate count may be written with the delivered attempt (one store
+        write instead of two per message): not when an AMQP publish comes between the webhook
+        and the count, since a failed publish redelivers the item and would count it twice."""
+        return None if self._amqp_queue else label
+
+    def _rate(self, label: str) -> RateCount:
+        window = self._settings.metric_window
+        return RateCount(self._cid, label, int(time.time() / window), math.ceil(2 * window))
+
+    async def _count(self, label: str, *, stored: bool = False) -> None:
+        """`label` is "inbound" or a Junebug event type; `stored`: its rate count was
+        written with the delivery already."""
         if self.counts_traffic:
             if label == "inbound":
                 self._counters.inc("messages_in_total")
             else:
                 self._counters.inc("events_total", label)
-        window = self._settings.metric_window
-        bucket = int(time.time() / window)
-        await self._store.incr_rate(self._cid, label, bucket, math.ceil(2 * window))
+        if not stored:
+            rate = self._rate(label)
+            await self._store.incr_rate(rate.owner_id, rate.label, rate.bucket, rate.ttl)

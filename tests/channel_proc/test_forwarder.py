@@ -516,3 +516,70 @@ async def test_forwarder_ignores_amqp_queue_on_embedded_broker(
         ):
             await wait_for_length(broker, namespace.inbound_queue(channel_id), 0)
         assert await broker.queue_length(amqp_inbound_key(amqp_queue)) == 0
+
+
+@pytest.mark.parametrize(
+    ("failures", "max_age", "separate_counts"),
+    [
+        pytest.param(0, 60.0, 0, id="delivered at once: one write"),
+        pytest.param(1, 60.0, 0, id="delivered on a retry: one write"),
+        pytest.param(-1, 0.3, 2, id="given up: counted on its own"),
+    ],
+)
+async def test_forwarder_counts_a_delivery_with_its_timeline_entry(
+    forwarders: Forwarders,
+    store: StateStore,
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    webhook: FakeWebhook,
+    monkeypatch: pytest.MonkeyPatch,
+    failures: int,
+    max_age: float,
+    separate_counts: int,
+) -> None:
+    """A delivered item's rate count is written with its delivered attempt (one store write,
+    not two); an item given up on is still counted, by a write of its own. Either way each
+    item is counted once."""
+    counted_alone: list[str] = []
+    incr_rate = store.incr_rate
+
+    async def spy(owner_id: str, label: str, bucket: int, ttl: float) -> None:
+        counted_alone.append(label)
+        await incr_rate(owner_id, label, bucket, ttl)
+
+    monkeypatch.setattr(store, "incr_rate", spy)
+    if failures < 0:
+        webhook.go_down(status=500)
+    else:
+        webhook.fail_next(failures, status=500)
+    mid = uuid.uuid4().hex
+    await store.put_outbound(channel_id, mid, {"event_url": webhook.url("/ev")}, 600)
+    event = VumiEvent(event_type=EventType.ACK, user_message_id=mid, sent_message_id=mid)
+    msg = inbound_msg()
+    bucket = int(time.time() / 10.0)
+    await broker.publish(namespace.event_queue(channel_id), encode_payload(event))
+    await broker.publish(namespace.inbound_queue(channel_id), encode_payload(msg))
+
+    async def both_counted() -> bool:
+        return (
+            await rate(store, channel_id, "submitted", bucket) == 1
+            and await rate(store, channel_id, "inbound", bucket) == 1
+        )
+
+    async with forwarders(Routes(mo_url=webhook.url("/mo")), webhook_max_age=max_age):
+        with trio.fail_after(WAIT):
+            await wait_for(both_counted)
+    # Stopped: a second count would have been written by now.
+    assert await both_counted()
+    assert len(counted_alone) == separate_counts
+    total = 0
+    for message_id in (mid, msg.message_id):
+        stored = await store.get_outbound(channel_id, message_id, 600)
+        assert stored is not None
+        attempts = [e["details"] for e in stored.events if e.get("stage") == "webhook_attempt"]
+        assert attempts
+        assert attempts[-1]["delivered"] is (failures >= 0)
+        total += len(attempts)
+    if failures >= 0:
+        assert total == failures + 2
