@@ -26,8 +26,6 @@ from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, Sta
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from redis.commands.core import Script
-
     from ipc.names import Namespace
     from ipc.settings import RedisSettings
 
@@ -152,9 +150,6 @@ class RedisStateStore(StateStore):
             max_connections=MAX_THREADS * 2,
         )
         self._client = redis.Redis(connection_pool=self._pool)
-        self._kv_put_script = self._client.register_script(_KV_PUT_LUA)
-        self._kv_put_if_absent_script = self._client.register_script(_KV_PUT_IF_ABSENT_LUA)
-        self._kv_delete_if_script = self._client.register_script(_KV_DELETE_IF_LUA)
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         # Never waited on: only holders of a `_limiter` token start threads.
         self._threads = trio.CapacityLimiter(MAX_THREADS)
@@ -406,31 +401,28 @@ class RedisStateStore(StateStore):
         return self._key(scope, "kv"), self._key(scope, "kv_expiry")
 
     async def _kv_write(
-        self, script: Script, scope: str, key: str, value: JsonObject, ttl: float | None
+        self, script: str, scope: str, key: str, value: JsonObject, ttl: float | None
     ) -> object:
-        """Run one of the kv write scripts (same keys and arguments); its answer."""
+        """Run one of the kv write scripts (same keys and arguments) with the other writes
+        ready (ipc/group_commit.py); its answer. EVAL, not EVALSHA: inside MULTI/EXEC a
+        script Redis does not know (after its restart) could not be loaded and retried."""
         values, expiry = self._kv_keys(scope)
         now = _now_ms()
         expires = "+inf" if ttl is None else str(now + _ms(ttl))
-
-        def run(client: redis.Redis) -> object:
-            return script(
-                keys=[values, expiry],
-                args=[now, key, _dump(value), expires, KV_SWEEP_BATCH],
-                client=client,
-            )
-
-        return await self._call(run)
+        (answer,) = await self._execute(
+            ("EVAL", script, 2, values, expiry, now, key, _dump(value), expires, KV_SWEEP_BATCH)
+        )
+        return answer
 
     async def kv_put(
         self, scope: str, key: str, value: JsonObject, ttl: float | None = None
     ) -> None:
-        await self._kv_write(self._kv_put_script, scope, key, value, ttl)
+        await self._kv_write(_KV_PUT_LUA, scope, key, value, ttl)
 
     async def kv_put_if_absent(
         self, scope: str, key: str, value: JsonObject, ttl: float | None = None
     ) -> bool:
-        return bool(await self._kv_write(self._kv_put_if_absent_script, scope, key, value, ttl))
+        return bool(await self._kv_write(_KV_PUT_IF_ABSENT_LUA, scope, key, value, ttl))
 
     async def kv_get(self, scope: str, key: str) -> JsonObject | None:
         values, expiry = self._kv_keys(scope)
@@ -451,7 +443,7 @@ class RedisStateStore(StateStore):
 
     async def kv_delete_if(self, scope: str, key: str, value: JsonObject) -> bool:
         # The script ignores the expiry argument (ttl None).
-        return bool(await self._kv_write(self._kv_delete_if_script, scope, key, value, None))
+        return bool(await self._kv_write(_KV_DELETE_IF_LUA, scope, key, value, None))
 
     async def kv_items(self, scope: str) -> dict[str, JsonObject]:
         values, expiry = self._kv_keys(scope)

@@ -244,3 +244,47 @@ async def test_redis_a_failing_command_fails_only_its_own_write(
     assert "WRONGTYPE" in str(outcomes.pop("clash"))
     assert outcomes == {"before": "stored", "after": "stored"}
     assert await redis_store.get_inbound("c", "after", 60.0) == {"mid": "after"}
+
+
+async def test_redis_keyed_writes_share_round_trips_and_keep_their_answers(
+    redis_store: RedisStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kv_put / kv_put_if_absent / kv_delete_if are scripts run inside the group's
+    MULTI/EXEC, each with its own answer; they still work once Redis has forgotten its
+    scripts (SCRIPT FLUSH, as after a restart)."""
+    await redis_store._execute(("SCRIPT", "FLUSH"), atomic=False)
+    await redis_store.kv_put("s", "taken", {"v": 0}, 60.0)
+    round_trips = 0
+    real = redis_store._call
+
+    async def counting(fn: Any) -> Any:
+        nonlocal round_trips
+        round_trips += 1
+        return await real(fn)
+
+    monkeypatch.setattr(redis_store, "_call", counting)
+    answers: dict[str, bool] = {}
+
+    async def put_if_absent(key: str) -> None:
+        answers[key] = await redis_store.kv_put_if_absent("s", key, {"v": key}, 60.0)
+
+    async def delete_if(key: str, value: dict[str, Any]) -> None:
+        answers[f"delete {key}"] = await redis_store.kv_delete_if("s", key, value)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(WRITERS):
+            nursery.start_soon(redis_store.kv_put, "s", f"k{n}", {"n": n}, 60.0)
+        nursery.start_soon(put_if_absent, "taken")
+        nursery.start_soon(put_if_absent, "free")
+        nursery.start_soon(delete_if, "taken", {"v": 1})
+    writes = round_trips
+    assert answers == {"taken": False, "free": True, "delete taken": False}
+    assert writes < WRITERS / 2
+    items = await redis_store.kv_items("s")
+    assert items == {
+        "free": {"v": "free"},
+        "taken": {"v": 0},
+        **{f"k{n}": {"n": n} for n in range(WRITERS)},
+    }
+    assert await redis_store.kv_delete_if("s", "taken", {"v": 0})
+    assert await redis_store.kv_get("s", "taken") is None
