@@ -202,22 +202,27 @@ async def redis_store(namespace: Namespace, services: None) -> AsyncIterator[Red
         await opened.aclose()
 
 
+def count_round_trips(store: RedisStateStore, monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry per call the store makes to Redis from now on."""
+    round_trips: list[None] = []
+    real = store._call
+
+    async def counting(fn: Any) -> Any:
+        round_trips.append(None)
+        return await real(fn)
+
+    monkeypatch.setattr(store, "_call", counting)
+    return round_trips
+
+
 async def test_redis_writes_ready_together_share_one_round_trip(
     redis_store: RedisStateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    round_trips = 0
-    real = redis_store._call
-
-    async def counting(fn: Any) -> Any:
-        nonlocal round_trips
-        round_trips += 1
-        return await real(fn)
-
-    monkeypatch.setattr(redis_store, "_call", counting)
+    round_trips = count_round_trips(redis_store, monkeypatch)
     async with trio.open_nursery() as nursery:
         for n in range(WRITERS):
             nursery.start_soon(redis_store.put_inbound, "c", f"m{n}", {"n": n}, 60.0)
-    writes = round_trips
+    writes = len(round_trips)
     for n in range(WRITERS):
         assert await redis_store.get_inbound("c", f"m{n}", 60.0) == {"n": n}
     assert writes < WRITERS / 2
@@ -254,15 +259,7 @@ async def test_redis_keyed_writes_share_round_trips_and_keep_their_answers(
     scripts (SCRIPT FLUSH, as after a restart)."""
     await redis_store._execute(("SCRIPT", "FLUSH"), atomic=False)
     await redis_store.kv_put("s", "taken", {"v": 0}, 60.0)
-    round_trips = 0
-    real = redis_store._call
-
-    async def counting(fn: Any) -> Any:
-        nonlocal round_trips
-        round_trips += 1
-        return await real(fn)
-
-    monkeypatch.setattr(redis_store, "_call", counting)
+    round_trips = count_round_trips(redis_store, monkeypatch)
     answers: dict[str, bool] = {}
 
     async def put_if_absent(key: str) -> None:
@@ -277,7 +274,7 @@ async def test_redis_keyed_writes_share_round_trips_and_keep_their_answers(
         nursery.start_soon(put_if_absent, "taken")
         nursery.start_soon(put_if_absent, "free")
         nursery.start_soon(delete_if, "taken", {"v": 1})
-    writes = round_trips
+    writes = len(round_trips)
     assert answers == {"taken": False, "free": True, "delete taken": False}
     assert writes < WRITERS / 2
     items = await redis_store.kv_items("s")
