@@ -207,7 +207,7 @@ async def record_broker_up(store: StateStore, settings: Settings, channel_id: st
 
 async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
     namespace = Namespace(settings.namespace)
-    async with open_state(settings, namespace) as store:
+    async with open_state(settings, namespace, ride_through=settings.store_ride_through) as store:
         await store.ping()
         async with (
             broker_loss_reported(store, settings, channel_id),

@@ -35,7 +35,13 @@ class RemoteError(JunebugIpcError):
 
 
 class StoreUnavailableError(JunebugIpcError):
-    pass
+    """`unreachable`: the store refused or dropped the connection (restarting, failing
+    over), so the same call may well succeed a moment later; otherwise it answered with an
+    error, did not answer in time, or cannot be written."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class BrokerUnavailableError(JunebugIpcError):

@@ -78,6 +78,9 @@ class Settings(_Frozen):
     restart_intensity: int = 5
     restart_period: float = 30.0
     shutdown_grace: float = 10.0
+    #: Seconds a channel's Redis call keeps trying while Redis refuses connections (a
+    #: restart, a failover) before it fails and the channel restarts; 0: fail at once.
+    store_ride_through: float = 5.0
     #: HTTP request bodies larger than this get 413; slower than body_timeout get 408.
     max_body_size: int = 1_048_576
     body_timeout: float = 30.0

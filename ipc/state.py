@@ -198,13 +198,19 @@ class StateStore(abc.ABC):
 
 
 @asynccontextmanager
-async def open_state(settings: Settings, namespace: Namespace) -> AsyncIterator[StateStore]:
-    """Open the store the settings select: Redis when `settings.redis` is set, else embedded."""
+async def open_state(
+    settings: Settings, namespace: Namespace, *, ride_through: float = 0.0
+) -> AsyncIterator[StateStore]:
+    """Open the store the settings select: Redis when `settings.redis` is set, else embedded.
+
+    `ride_through`: seconds a Redis call keeps trying while Redis refuses connections, before
+    it fails (ipc/state_redis.py); the embedded store has no connection to lose.
+    """
     store: StateStore
     if settings.redis is not None:
         from ipc.state_redis import RedisStateStore
 
-        store = await RedisStateStore.connect(settings.redis, namespace)
+        store = await RedisStateStore.connect(settings.redis, namespace, ride_through=ride_through)
     else:
         from ipc.state_sqlite import SqliteStateStore
 

@@ -3,12 +3,18 @@
 Sync redis-py in worker threads (trio.to_thread, at most 16 at once); every interface
 call is one pipeline, so one round trip (delete_channel adds its SCAN), and the writes that
 tasks have ready at the same moment share one MULTI/EXEC (ipc/group_commit.py).
+
+With `ride_through` (channel processes), a call that finds Redis refusing connections
+(restarting, failing over) is tried again for that many seconds before it fails, so a short
+outage delays a channel instead of restarting it (and re-binding its provider link); ping()
+is never retried, so health checks see the outage at once.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -24,13 +30,15 @@ from ipc.group_commit import GroupCommit
 from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from ipc.names import Namespace
     from ipc.settings import RedisSettings
 
 T = TypeVar("T")
 Command = tuple[str | int, ...]
+
+log = logging.getLogger(__name__)
 
 #: Worker threads (and so pooled connections) one store uses at once.
 MAX_THREADS: Final = 16
@@ -39,6 +47,9 @@ MAX_THREADS: Final = 16
 #: keeps every caller's wait bounded instead of queueing behind the stuck ones.
 THREAD_WAIT: Final = 2.5
 SOCKET_TIMEOUT: Final = 5.0
+#: The first and the longest wait between tries while Redis refuses connections.
+RIDE_FIRST_DELAY: Final = 0.05
+RIDE_MAX_DELAY: Final = 1.0
 SCAN_BATCH: Final = 500
 
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
@@ -132,7 +143,9 @@ class RedisStateStore(StateStore):
     Keyed records (kv_*) live in `{scope}:kv` (hash) with expiry times in `{scope}:kv_expiry`.
     """
 
-    def __init__(self, settings: RedisSettings, namespace: Namespace) -> None:
+    def __init__(
+        self, settings: RedisSettings, namespace: Namespace, *, ride_through: float = 0.0
+    ) -> None:
         password = settings.password.get_secret_value() if settings.password else None
         self._pool = redis.ConnectionPool(
             host=settings.host,
@@ -157,11 +170,18 @@ class RedisStateStore(StateStore):
         self._prefix = f"{settings.key_prefix}:" if settings.key_prefix else ""
         self._where = f"redis://{settings.host}:{settings.port}/{settings.db}"
         self._group: GroupCommit[Sequence[Command]] = GroupCommit(self._commit, self._commit_one)
+        #: Seconds a call keeps trying while Redis refuses connections (0: it fails at once).
+        self._ride_through = ride_through
+        #: When (trio clock) the current outage was first met, while calls are riding it out.
+        self._outage_since: float | None = None
 
     @classmethod
-    async def connect(cls, settings: RedisSettings, namespace: Namespace) -> RedisStateStore:
-        """Open a pool and check it with PING; StoreUnavailableError when Redis does not answer."""
-        store = cls(settings, namespace)
+    async def connect(
+        cls, settings: RedisSettings, namespace: Namespace, *, ride_through: float = 0.0
+    ) -> RedisStateStore:
+        """Open a pool and check it with PING; StoreUnavailableError when Redis does not answer
+        (PING is not retried, whatever `ride_through`)."""
+        store = cls(settings, namespace, ride_through=ride_through)
         try:
             await store.ping()
         except BaseException:
@@ -190,9 +210,53 @@ class RedisStateStore(StateStore):
         try:
             return await trio.to_thread.run_sync(fn, self._client, limiter=self._threads)
         except redis.RedisError as exc:
-            raise StoreUnavailableError(f"{self._where}: {exc}") from exc
+            # ConnectionError: refused, reset, or still loading its data (BusyLoadingError);
+            # a TimeoutError is not, as waiting SOCKET_TIMEOUT again would hold every caller.
+            unreachable = isinstance(exc, redis.ConnectionError)
+            raise StoreUnavailableError(f"{self._where}: {exc}", unreachable=unreachable) from exc
         finally:
             self._limiter.release()
+
+    async def _ride(self, op: Callable[[], Awaitable[T]]) -> T:
+        """op(), tried again while Redis refuses connections, for up to `ride_through`
+        seconds from the first refusal; then, or on any other failure, its error."""
+        if self._ride_through <= 0:
+            return await op()
+        delay = RIDE_FIRST_DELAY
+        deadline: float | None = None
+        while True:
+            try:
+                result = await op()
+            except StoreUnavailableError as exc:
+                now = trio.current_time()
+                if not exc.unreachable:
+                    raise
+                if deadline is None:
+                    deadline = now + self._ride_through
+                    self._outage_met(exc, now)
+                elif now >= deadline:
+                    raise
+                # The last try comes at the deadline.
+                await trio.sleep(min(delay, deadline - now))
+                delay = min(2 * delay, RIDE_MAX_DELAY)
+            else:
+                if self._outage_since is not None:
+                    log.warning(
+                        "%s: reachable again after %.1f s",
+                        self._where,
+                        trio.current_time() - self._outage_since,
+                    )
+                    self._outage_since = None
+                return result
+
+    def _outage_met(self, exc: StoreUnavailableError, now: float) -> None:
+        if self._outage_since is None:
+            self._outage_since = now
+            log.warning(
+                "%s; calls are retried for up to %g s before they fail",
+                exc,
+                self._ride_through,
+            )
 
     async def _execute(self, *commands: Command, atomic: bool = True) -> list[Any]:
         """Send the commands in one round trip and return their replies.
@@ -203,9 +267,10 @@ class RedisStateStore(StateStore):
         two more commands per call.
         """
         if atomic:
-            replies: list[Any] = await self._group.run(commands)
+            replies: list[Any] = await self._ride(functools.partial(self._group.run, commands))
             return replies
-        return await self._call(functools.partial(_pipeline, commands, atomic=False))
+        pipeline = functools.partial(_pipeline, commands, atomic=False)
+        return await self._ride(functools.partial(self._call, pipeline))
 
     async def _commit_one(self, write: Sequence[Command]) -> list[Any]:
         with trio.CancelScope(shield=True):
@@ -226,7 +291,10 @@ class RedisStateStore(StateStore):
                 )
         except StoreUnavailableError as exc:
             if not isinstance(exc.__cause__, redis.ResponseError):
-                return [outcome.Error(StoreUnavailableError(str(exc))) for _ in batch]
+                return [
+                    outcome.Error(StoreUnavailableError(str(exc), unreachable=exc.unreachable))
+                    for _ in batch
+                ]
             return [await outcome.acapture(self._commit_one, write) for write in batch]
         results: list[outcome.Outcome[Any]] = []
         start = 0
@@ -275,7 +343,7 @@ class RedisStateStore(StateStore):
                 client.unlink(*batch)
             return bool(removed_member or removed_keys)
 
-        return await self._call(run)
+        return await self._ride(functools.partial(self._call, run))
 
     # --- status -----------------------------------------------------------------------
 
@@ -459,7 +527,7 @@ class RedisStateStore(StateStore):
                         found[key] = json.loads(raw)
             return dict(sorted(found.items()))
 
-        return await self._call(run)
+        return await self._ride(functools.partial(self._call, run))
 
     async def kv_clear(self, scope: str) -> None:
         await self._execute(("DEL", *self._kv_keys(scope)))

@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--restart-intensity", dest="restart_intensity", type=int, help="restarts allowed (5)")
     add("--restart-period", dest="restart_period", type=float, help="... per seconds (30)")
     add("--shutdown-grace", dest="shutdown_grace", type=float, help="child drain seconds (10)")
+    add(
+        "--store-ride-through",
+        dest="store_ride_through",
+        type=float,
+        help="seconds a channel waits out a Redis outage before restarting (5)",
+    )
     add("--webhook-max-age", dest="webhook_max_age", type=float, help="retry seconds (86400)")
     add("--webhook-timeout", dest="webhook_timeout", type=float, help="seconds per POST (10)")
     add("--max-channels", dest="max_channels", type=int, help="channels allowed (1000)")
@@ -306,6 +312,7 @@ def _check_ranges(s: Settings) -> None:
     non_negative = {
         "restart_intensity": s.restart_intensity,
         "shutdown_grace": s.shutdown_grace,
+        "store_ride_through": s.store_ride_through,
         "max_log_files": s.max_log_files,
         "max_logs": s.max_logs,
         "log_rotate_size": s.log_rotate_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -37,10 +38,11 @@ from tests.faults.harness import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
 
     from ipc.settings import Settings
     from tests.e2e.gateway import Gateway
+    from tests.fakes.webhook import FakeWebhook
     from tests.faults.harness import PrivateRedis, RelayProxy, Sender
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -129,6 +131,19 @@ async def send_through(
         stop.set()
 
 
+@asynccontextmanager
+async def steady_sending(
+    gateway: Gateway, channel_id: str, hook: FakeWebhook, outage: trio.Event
+) -> AsyncIterator[Sender]:
+    """A sender on the channel at RATE (send_through, until the outage set and over), once
+    its first 10 sends were accepted."""
+    async with open_sender(gateway, channel_id, hook, "m") as sender, trio.open_nursery() as n:
+        await n.start(send_through, gateway, sender, outage)
+        with trio.fail_after(WAIT):
+            await wait_for(partial(_accepted, sender, 10))
+        yield sender
+
+
 async def wait_refused(sender: Sender) -> None:
     """Until the steady sender has been refused at least once. An outage is held that long:
     a short one can fall between two of its sends, and send_through waits to see one."""
@@ -158,12 +173,8 @@ async def test_rabbitmq_restarted_mid_run(
     ):
         cid = await create_smpp_channel(gateway, smsc, hook)
         await wait_smpp_bound(gateway, cid)
-        async with open_sender(gateway, cid, hook, "m") as sender, trio.open_nursery() as nursery:
-            outage = trio.Event()
-            await nursery.start(send_through, gateway, sender, outage)
-            with trio.fail_after(WAIT):
-                await wait_for(partial(_accepted, sender, 10))
-
+        outage = trio.Event()
+        async with steady_sending(gateway, cid, hook, outage) as sender:
             await amqp_relay.down()
             try:
                 outage.set()
@@ -212,12 +223,8 @@ async def test_redis_restarted_mid_run(
         await wait_smpp_bound(gateway, cid)
         await wait_smpp_bound(gateway, quiet)
         (busy_pid,) = channel_pids(cid)
-        async with open_sender(gateway, cid, hook, "m") as sender, trio.open_nursery() as nursery:
-            outage = trio.Event()
-            await nursery.start(send_through, gateway, sender, outage)
-            with trio.fail_after(WAIT):
-                await wait_for(partial(_accepted, sender, 10))
-
+        outage = trio.Event()
+        async with steady_sending(gateway, cid, hook, outage) as sender:
             await redis_server.kill()
             try:
                 outage.set()
@@ -255,6 +262,38 @@ async def test_redis_restarted_mid_run(
         assert_only_503(sender, "state store unavailable")
         status, _ = await probe(gateway, "GET", "/health")
         assert status == 200
+
+
+async def test_a_short_redis_restart_is_waited_out_by_a_busy_channel(
+    outage_settings: Settings, redis_server: PrivateRedis
+) -> None:
+    """Redis back within the channels' store_ride_through: a channel with sends and events
+    under way keeps its process and its SMPP bind (no restart, no re-bind), and every
+    accepted message is sent with its event; the API refuses sends (503) meanwhile."""
+    async with (
+        open_fake_webhook() as hook,
+        open_timed_smsc() as smsc,
+        running_gateway(outage_settings) as gateway,
+    ):
+        # Slow answers keep events coming while the store is gone: storing them waits.
+        smsc.script_submits(*[SubmitAnswer(delay=0.3)] * 10_000)
+        cid = await create_smpp_channel(gateway, smsc, hook)
+        await wait_smpp_bound(gateway, cid)
+        (pid,) = channel_pids(cid)
+        outage = trio.Event()
+        async with steady_sending(gateway, cid, hook, outage) as sender:
+            await redis_server.kill()
+            try:
+                outage.set()
+                await wait_refused(sender)
+            finally:
+                await redis_server.start()
+        with trio.fail_after(60):
+            await wait_all_submitted(smsc, sender)
+            await wait_all_events(hook, sender)
+        assert_only_503(sender, "state store unavailable")
+        assert channel_pids(cid) == [pid]
+        assert len([c for c in smsc.connections if c.bind is not None]) == 1
 
 
 def _msg() -> dict[str, str]:
