@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from ipc.codec import encode_payload
+from ipc.state import KvEntry
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -82,9 +83,17 @@ class QueueLink:
     async def note_put(
         self, key: str, value: Mapping[str, object], ttl: float | None = None
     ) -> None:
-        group, name = split_note_key(key)
+        await self.note_put_many({key: value}, ttl)
+
+    async def note_put_many(
+        self, notes: Mapping[str, Mapping[str, object]], ttl: float | None = None
+    ) -> None:
         lifetime = self._note_ttl if ttl is None else ttl
-        await self._store.kv_put(self._scope(group), name, dict(value), lifetime)
+        entries = []
+        for key, value in notes.items():
+            group, name = split_note_key(key)
+            entries.append(KvEntry(self._scope(group), name, dict(value), lifetime))
+        await self._store.kv_put_many(entries)
 
     async def note_get(self, key: str) -> dict[str, object] | None:
         group, name = split_note_key(key)

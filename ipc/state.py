@@ -32,6 +32,16 @@ class RateCount:
     ttl: float
 
 
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    """One keyed record for StateStore.kv_put_many: `value` under (scope, key), as kv_put."""
+
+    scope: str
+    key: str
+    value: JsonObject
+    ttl: float | None = None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboundWrites:
     """One step of a send, for StateStore.write_outbound: under each owner, the send record
@@ -151,6 +161,10 @@ class StateStore(abc.ABC):
 
         Scopes that start with "{channel_id}:" are removed by delete_channel.
         """
+
+    @abc.abstractmethod
+    async def kv_put_many(self, entries: Sequence[KvEntry]) -> None:
+        """Store every entry, as kv_put would, in one write (one transaction, one MULTI)."""
 
     @abc.abstractmethod
     async def kv_put_if_absent(

@@ -27,7 +27,14 @@ from redis.retry import Retry
 
 from ipc.errors import StoreUnavailableError
 from ipc.group_commit import GroupCommit
-from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
+from ipc.state import (
+    JsonObject,
+    KvEntry,
+    OutboundRecord,
+    OutboundWrites,
+    RateCount,
+    StateStore,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -468,24 +475,35 @@ class RedisStateStore(StateStore):
         # by readers.
         return self._key(scope, "kv"), self._key(scope, "kv_expiry")
 
+    def _kv_command(
+        self, script: str, scope: str, key: str, value: JsonObject, ttl: float | None, now: int
+    ) -> Command:
+        """One of the kv write scripts (same keys and arguments), to run with the other
+        writes ready (ipc/group_commit.py). EVAL, not EVALSHA: inside MULTI/EXEC a script
+        Redis does not know (after its restart) could not be loaded and retried."""
+        values, expiry = self._kv_keys(scope)
+        expires = "+inf" if ttl is None else str(now + _ms(ttl))
+        return ("EVAL", script, 2, values, expiry, now, key, _dump(value), expires, KV_SWEEP_BATCH)
+
     async def _kv_write(
         self, script: str, scope: str, key: str, value: JsonObject, ttl: float | None
     ) -> object:
-        """Run one of the kv write scripts (same keys and arguments) with the other writes
-        ready (ipc/group_commit.py); its answer. EVAL, not EVALSHA: inside MULTI/EXEC a
-        script Redis does not know (after its restart) could not be loaded and retried."""
-        values, expiry = self._kv_keys(scope)
-        now = _now_ms()
-        expires = "+inf" if ttl is None else str(now + _ms(ttl))
-        (answer,) = await self._execute(
-            ("EVAL", script, 2, values, expiry, now, key, _dump(value), expires, KV_SWEEP_BATCH)
-        )
+        """Run one kv write script; its answer."""
+        (answer,) = await self._execute(self._kv_command(script, scope, key, value, ttl, _now_ms()))
         return answer
 
     async def kv_put(
         self, scope: str, key: str, value: JsonObject, ttl: float | None = None
     ) -> None:
         await self._kv_write(_KV_PUT_LUA, scope, key, value, ttl)
+
+    async def kv_put_many(self, entries: Sequence[KvEntry]) -> None:
+        now = _now_ms()
+        commands = [
+            self._kv_command(_KV_PUT_LUA, e.scope, e.key, e.value, e.ttl, now) for e in entries
+        ]
+        if commands:
+            await self._execute(*commands)
 
     async def kv_put_if_absent(
         self, scope: str, key: str, value: JsonObject, ttl: float | None = None

@@ -21,7 +21,14 @@ import trio
 from ipc.errors import StoreUnavailableError
 from ipc.group_commit import GroupCommit
 from ipc.sqlite_inline import Attempt, InlineRunner, retry_busy, transaction
-from ipc.state import JsonObject, OutboundRecord, OutboundWrites, RateCount, StateStore
+from ipc.state import (
+    JsonObject,
+    KvEntry,
+    OutboundRecord,
+    OutboundWrites,
+    RateCount,
+    StateStore,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -532,13 +539,21 @@ class SqliteStateStore(StateStore):
     async def kv_put(
         self, scope: str, key: str, value: JsonObject, ttl: float | None = None
     ) -> None:
-        expires = None if ttl is None else time.time() + ttl
-        row = (self._ns, scope, key, _dump(value), expires)
+        await self.kv_put_many((KvEntry(scope, key, value, ttl),))
+
+    async def kv_put_many(self, entries: Sequence[KvEntry]) -> None:
+        now = time.time()
+        rows = [
+            (self._ns, e.scope, e.key, _dump(e.value), None if e.ttl is None else now + e.ttl)
+            for e in entries
+        ]
+        if not rows:
+            return
         await self._call(
-            lambda conn: conn.execute(
+            lambda conn: conn.executemany(
                 "INSERT INTO kv VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
                 " SET value=excluded.value, expires_at=excluded.expires_at",
-                row,
+                rows,
             ),
             write=True,
         )

@@ -85,6 +85,13 @@ class TransportLink(Protocol):
         the gateway's outbound_message_ttl)."""
         ...
 
+    async def note_put_many(
+        self, notes: Mapping[str, Mapping[str, object]], ttl: float | None = None
+    ) -> None:
+        """Store each value under its key, as note_put would, in one store write (cheaper
+        than one note_put each, and both or neither are stored)."""
+        ...
+
     async def note_get(self, key: str) -> dict[str, object] | None:
         """The value under `key`, or None when missing or expired."""
         ...

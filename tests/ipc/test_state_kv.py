@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from ipc.names import Namespace
-from ipc.state import open_state
+from ipc.state import KvEntry, open_state
 from ipc.state_redis import RedisStateStore
 
 if TYPE_CHECKING:
@@ -89,6 +89,27 @@ async def test_kv_ttl_none_keeps_value_and_put_resets_ttl(store: StateStore) -> 
     with trio.fail_after(TTL + 5):
         await wait_for(other_expired)
     assert await store.kv_get("s", "k") == {"v": 2}
+
+
+async def test_kv_put_many_stores_each_entry_as_kv_put(store: StateStore) -> None:
+    await store.kv_put("s", "replaced", {"old": True})
+    await store.kv_put_many(
+        [
+            KvEntry("s", "replaced", {"new": True}, 60.0),
+            KvEntry("s", "forever", {"n": 1}),
+            KvEntry("other", "short", {"n": 2}, TTL),
+        ]
+    )
+    await store.kv_put_many([])
+    assert await store.kv_items("s") == {"forever": {"n": 1}, "replaced": {"new": True}}
+    assert await store.kv_get("other", "short") == {"n": 2}
+
+    async def short_expired() -> bool:
+        return await store.kv_get("other", "short") is None
+
+    with trio.fail_after(TTL + 5):
+        await wait_for(short_expired)
+    assert await store.kv_get("s", "forever") == {"n": 1}
 
 
 @pytest.mark.slow

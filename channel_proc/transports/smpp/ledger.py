@@ -93,15 +93,14 @@ class Ledger:
         self._remember(norm, match)
         early = [p.receipt for p in self._pending.pop(norm, [])]
         self._pending_count -= len(early)
-        await self._link.note_put(
-            f"smsc:{norm}", {"message_id": message_id, "part": part, "parts": parts}, self._id_ttl
-        )
-        await self._link.note_put(
-            f"sent:{message_id}",
+        await self._link.note_put_many(
             {
-                "parts": {str(i): sid for i, sid in accepted.items()},
-                "total": parts,
-                "reference": reference,
+                f"smsc:{norm}": {"message_id": message_id, "part": part, "parts": parts},
+                f"sent:{message_id}": {
+                    "parts": {str(i): sid for i, sid in accepted.items()},
+                    "total": parts,
+                    "reference": reference,
+                },
             },
             self._id_ttl,
         )

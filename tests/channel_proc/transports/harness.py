@@ -59,8 +59,14 @@ class MemoryLink:
     async def note_put(
         self, key: str, value: Mapping[str, object], ttl: float | None = None
     ) -> None:
+        await self.note_put_many({key: value}, ttl)
+
+    async def note_put_many(
+        self, notes: Mapping[str, Mapping[str, object]], ttl: float | None = None
+    ) -> None:
         expires = None if ttl is None else trio.current_time() + ttl
-        self.notes_data[key] = (json.loads(json.dumps(dict(value))), expires)
+        for key, value in notes.items():
+            self.notes_data[key] = (json.loads(json.dumps(dict(value))), expires)
         await trio.lowlevel.checkpoint()
 
     async def note_get(self, key: str) -> dict[str, object] | None:
