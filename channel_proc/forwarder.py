@@ -13,8 +13,6 @@ attempt is recorded in the message's timeline.
 from __future__ import annotations
 
 import logging
-import math
-import time
 import uuid
 from dataclasses import dataclass
 from enum import Enum
@@ -555,8 +553,7 @@ class Forwarder(QueueConsumer):
         return None if self._amqp_queue else label
 
     def _rate(self, label: str) -> RateCount:
-        window = self._settings.metric_window
-        return RateCount(self._cid, label, int(time.time() / window), math.ceil(2 * window))
+        return RateCount.now(self._cid, label, self._settings.metric_window)
 
     async def _count(self, label: str, *, stored: bool = False) -> None:
         """`label` is "inbound" or a Junebug event type; `stored`: its rate count was

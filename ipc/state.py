@@ -9,6 +9,8 @@ when the backend cannot be reached, never a library exception.
 from __future__ import annotations
 
 import abc
+import math
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,12 @@ class RateCount:
     label: str
     bucket: int
     ttl: float
+
+    @classmethod
+    def now(cls, owner_id: str, label: str, window: float) -> RateCount:
+        """A count in the current `window`-second bucket, kept for two windows (rates are
+        read from the last complete bucket)."""
+        return cls(owner_id, label, int(time.time() / window), math.ceil(2 * window))
 
 
 @dataclass(frozen=True, slots=True)

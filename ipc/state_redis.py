@@ -256,6 +256,10 @@ class RedisStateStore(StateStore):
                     self._outage_since = None
                 return result
 
+    async def _ride_call(self, fn: Callable[[redis.Redis], T]) -> T:
+        """_call(fn), riding out Redis refusing connections (see _ride)."""
+        return await self._ride(functools.partial(self._call, fn))
+
     def _outage_met(self, exc: StoreUnavailableError, now: float) -> None:
         if self._outage_since is None:
             self._outage_since = now
@@ -276,8 +280,7 @@ class RedisStateStore(StateStore):
         if atomic:
             replies: list[Any] = await self._ride(functools.partial(self._group.run, commands))
             return replies
-        pipeline = functools.partial(_pipeline, commands, atomic=False)
-        return await self._ride(functools.partial(self._call, pipeline))
+        return await self._ride_call(functools.partial(_pipeline, commands, atomic=False))
 
     async def _commit_one(self, write: Sequence[Command]) -> list[Any]:
         with trio.CancelScope(shield=True):
@@ -350,7 +353,7 @@ class RedisStateStore(StateStore):
                 client.unlink(*batch)
             return bool(removed_member or removed_keys)
 
-        return await self._ride(functools.partial(self._call, run))
+        return await self._ride_call(run)
 
     # --- status -----------------------------------------------------------------------
 
@@ -495,7 +498,7 @@ class RedisStateStore(StateStore):
     async def kv_put(
         self, scope: str, key: str, value: JsonObject, ttl: float | None = None
     ) -> None:
-        await self._kv_write(_KV_PUT_LUA, scope, key, value, ttl)
+        await self.kv_put_many((KvEntry(scope, key, value, ttl),))
 
     async def kv_put_many(self, entries: Sequence[KvEntry]) -> None:
         now = _now_ms()
@@ -545,7 +548,7 @@ class RedisStateStore(StateStore):
                         found[key] = json.loads(raw)
             return dict(sorted(found.items()))
 
-        return await self._ride(functools.partial(self._call, run))
+        return await self._ride_call(run)
 
     async def kv_clear(self, scope: str) -> None:
         await self._execute(("DEL", *self._kv_keys(scope)))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint
 
-from api.channel_object import current_bucket, has_destination
+from api.channel_object import has_destination
 from api.deps import api_context, state_store
 from api.errors import ApiUsageError, MessageNotFoundError, envelope
 from api.idempotency import idempotency_scope, requested_key, send_once
@@ -211,15 +210,13 @@ async def _after_publish(
 ) -> None:
     """The "queued" stage and the outbound rate counts, in one store transaction."""
     settings = context.settings
-    window = settings.metric_window
-    bucket, rate_ttl = current_bucket(window), math.ceil(2 * window)
     writes = OutboundWrites(
         message_id=message_id,
         owners=owners,
         ttl=settings.outbound_message_ttl,
         entry=(new_message_id(), timeline_entry("queued", {})),
         rates=tuple(
-            RateCount(owner, "outbound", bucket, rate_ttl)
+            RateCount.now(owner, "outbound", settings.metric_window)
             for owner in (target.channel_id, *target.rate_owners)
         ),
     )

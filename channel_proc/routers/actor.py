@@ -13,8 +13,6 @@ settings.webhook_concurrency messages of a queue at once, publishing them in que
 
 from __future__ import annotations
 
-import math
-import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -23,6 +21,7 @@ from channel_proc.consumer import QueueConsumer
 from channel_proc.counters import Counters
 from channel_proc.routers.logs import router_logger
 from ipc.payloads import junebug_event_type
+from ipc.state import RateCount
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -153,7 +152,6 @@ class RouterActor(QueueConsumer):
             self._counters.inc("messages_in_total")
         else:
             self._counters.inc("events_total", label)
-        window = self._settings.metric_window
-        bucket = int(time.time() / window)
         for owner in (self._cid, self._rid):
-            await self._store.incr_rate(owner, label, bucket, math.ceil(2 * window))
+            rate = RateCount.now(owner, label, self._settings.metric_window)
+            await self._store.incr_rate(rate.owner_id, rate.label, rate.bucket, rate.ttl)
