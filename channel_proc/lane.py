@@ -13,14 +13,22 @@ handling is strictly sequential.
 
 Every handler runs under `Shutdown.busy()`: a stop lets in-flight deliveries finish within
 the grace period; what is not acked by then goes back to the queue.
+
+A consumer lost to a broker outage (ConsumerLostError) is replaced in place: the handlers in
+flight are cancelled, as their deliveries are back in the queue whatever they do (letting
+them finish would only deliver each twice), and a new consumer takes the queue from the top
+with a fresh lane, so order holds.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import TYPE_CHECKING, Final
 
 import trio
+
+from ipc.errors import ConsumerLostError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -32,6 +40,8 @@ if TYPE_CHECKING:
 
 #: Deliveries a consumer may hold unacked at least (more when the lane's limit is higher).
 PREFETCH: Final = 16
+
+log = logging.getLogger(__name__)
 
 
 class _Sequence:
@@ -206,17 +216,31 @@ async def consume_in_order(
 ) -> None:
     """Consume `queue` with up to `limit` handlers at once until a stop is requested and
     every handler has returned. `handle` acks (or not) each delivery itself."""
-    lane = Lane(limit, shutdown)
     await broker.declare_queue(queue)
-    prefetch = max(PREFETCH, lane.limit)
-    async with broker.consume(queue, prefetch=prefetch) as consumer, trio.open_nursery() as tasks:
-        task_status.started()
-        while await lane.wait_slot():
-            delivery = await shutdown.receive(consumer)
-            if delivery is None:
-                break
-            lane.in_flight += 1
-            tasks.start_soon(_run_one, lane, handle, consumer, delivery, lane.new_turn())
+    prefetch = max(PREFETCH, limit)
+    started = False
+    while True:
+        lane = Lane(limit, shutdown)
+        async with (
+            broker.consume(queue, prefetch=prefetch) as consumer,
+            trio.open_nursery() as tasks,
+        ):
+            if not started:
+                task_status.started()
+                started = True
+            while await lane.wait_slot():
+                try:
+                    delivery = await shutdown.receive(consumer)
+                except ConsumerLostError as exc:
+                    log.warning("consumer of %s lost (%s); opening a new one", queue, exc)
+                    tasks.cancel_scope.cancel()
+                    break
+                if delivery is None:
+                    return
+                lane.in_flight += 1
+                tasks.start_soon(_run_one, lane, handle, consumer, delivery, lane.new_turn())
+            else:
+                return
 
 
 async def _run_one(

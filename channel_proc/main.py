@@ -211,7 +211,7 @@ async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
         await store.ping()
         async with (
             broker_loss_reported(store, settings, channel_id),
-            open_broker(settings) as broker,
+            open_broker(settings, ride_through=settings.broker_ride_through) as broker,
         ):
             await broker.ping()
             await record_broker_up(store, settings, channel_id)

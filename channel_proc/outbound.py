@@ -5,6 +5,10 @@ delivery is acked as soon as its own outcome is known. A send that fails in a wa
 may fix stops new sends until those in flight are done, then the failed ones go again, in
 queue order, before anything newer.
 
+A consumer lost to a broker outage is replaced in place once the sends in flight are done;
+the messages it held (failed sends waiting for their retry included) come again from the
+queue, in order.
+
 Queue control (issue 7): while the channel is paused no message is taken; a cancelled or
 expired message is answered with a nack (reason "cancelled"/"expired") instead of being sent;
 `rate_limit_count` provider parts per `rate_limit_window` seconds bound the sends.
@@ -43,7 +47,7 @@ from channel_proc.logs import message_context
 from channel_proc.transports.errors import ProviderThrottled, SendError
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import decode_vumi_message, encode_payload
-from ipc.errors import ProtocolError, StoreUnavailableError
+from ipc.errors import ConsumerLostError, ProtocolError, StoreUnavailableError
 from ipc.payloads import EventType, VumiEvent, parse_vumi_timestamp, vumi_timestamp
 
 if TYPE_CHECKING:
@@ -258,7 +262,13 @@ class OutboundActor:
                 item = window.redo.pop(0)
             else:
                 waited_from = trio.current_time()
-                delivery = await self._shutdown.receive(consumer)
+                try:
+                    delivery = await self._shutdown.receive(consumer)
+                except ConsumerLostError as exc:
+                    # run() opens a new one once the sends in flight are done: their
+                    # messages come again, and the transport knows what it sent already.
+                    log.warning("consumer of %s lost (%s); opening a new one", self._queue, exc)
+                    return None
                 if delivery is None:
                     return None
                 if trio.current_time() - waited_from >= REFRESH_INTERVAL and await self._paused(

@@ -11,7 +11,10 @@ again, to the next consumer. Order is FIFO within a priority; higher priority
 first when the queue was declared with max_priority.
 
 Errors: BrokerUnavailableError when the backend cannot be reached, never a library
-exception.
+exception. A broker opened with `ride_through` (channel processes; RabbitMQ only, as the
+embedded queue has no connection to lose) waits out a short outage in publishes and
+declares, and a consumer whose connection dropped raises ConsumerLostError: its owner opens
+a new consumer, which gets the unacked deliveries again (acks on the lost one are dropped).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Consumer(abc.ABC):
 
     @abc.abstractmethod
     async def receive(self) -> Delivery:
-        """Wait for the next delivery."""
+        """Wait for the next delivery (ConsumerLostError: open a new consumer)."""
 
     @abc.abstractmethod
     async def ack(self, delivery: Delivery) -> None:
@@ -97,13 +100,13 @@ class Broker(abc.ABC):
 
 
 @asynccontextmanager
-async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
+async def open_broker(settings: Settings, *, ride_through: float = 0.0) -> AsyncIterator[Broker]:
     """Open the broker the settings select: RabbitMQ when `settings.amqp` is set, else embedded."""
     broker: Broker
     if settings.amqp is not None:
         from ipc.broker_amqp import AmqpBroker
 
-        broker = await AmqpBroker.connect(settings.amqp)
+        broker = await AmqpBroker.connect(settings.amqp, ride_through=ride_through)
     else:
         from ipc.broker_sqlite import SqliteBroker
 

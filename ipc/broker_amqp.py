@@ -20,17 +20,21 @@ import aiormq
 import trio
 from aiormq.exceptions import (
     AMQPError,
+    AuthenticationError,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
     DeliveryError,
+    IncompatibleProtocolError,
+    ProbableAuthenticationError,
 )
 from pamqp.commands import Basic
 from pamqp.exceptions import PAMQPException
 
 from ipc.broker import Broker, Consumer, Delivery
-from ipc.errors import BrokerUnavailableError
+from ipc.errors import BrokerUnavailableError, ConsumerLostError
 from ipc.names import EXCHANGE
+from ipc.ride_through import RideThrough
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -58,11 +62,25 @@ _PASSIVE: Final = "passive"
 OPERATION_TIMEOUT: Final = 10.0
 
 
+#: Connection failures that waiting will not fix (credentials, protocol).
+_REFUSED_FOR_GOOD: Final = (
+    AuthenticationError,
+    ProbableAuthenticationError,
+    IncompatibleProtocolError,
+)
+
+
 def _unavailable(exc: BaseException) -> BrokerUnavailableError:
-    """The one translation of aiormq/pamqp/socket errors into ours."""
+    """The one translation of aiormq/pamqp/socket errors into ours; `unreachable` when the
+    connection was refused or dropped (RabbitMQ restarting), which a moment may fix."""
     if isinstance(exc, asyncio.CancelledError):
-        return BrokerUnavailableError("AMQP operation aborted: its channel or connection closed")
-    return BrokerUnavailableError(f"RabbitMQ unavailable: {exc!r}")
+        return BrokerUnavailableError(
+            "AMQP operation aborted: its channel or connection closed", unreachable=True
+        )
+    unreachable = isinstance(exc, OSError | ChannelInvalidStateError) and not isinstance(
+        exc, _REFUSED_FOR_GOOD
+    )
+    return BrokerUnavailableError(f"RabbitMQ unavailable: {exc!r}", unreachable=unreachable)
 
 
 def _url(settings: AmqpSettings) -> str:
@@ -231,7 +249,7 @@ class _Core:
         queue: str,
         prefetch: int,
         on_message: Callable[[DeliveredMessage], None],
-        on_closed: Callable[[str], None],
+        on_closed: Callable[[str, bool], None],
     ) -> AbstractChannel:
         await self.declare(queue, 0, if_new=True)
 
@@ -243,15 +261,16 @@ class _Core:
             channel = await conn.channel(publisher_confirms=False)
             try:
                 await channel.basic_qos(prefetch_count=prefetch)
+                # Cancelled (the queue was deleted): not lost to an outage, so not re-opened.
                 channel.on_consumer_cancel_callbacks.add(
-                    lambda _frame: on_closed(f"RabbitMQ cancelled the consumer of {queue}")
+                    lambda _frame: on_closed(f"RabbitMQ cancelled the consumer of {queue}", False)
                 )
                 await channel.basic_consume(queue, callback, no_ack=False)
             except BaseException:
                 self.spawn(channel.close())
                 raise
             channel.closing.add_done_callback(
-                lambda closing: on_closed(f"AMQP channel closed: {_reason(closing)}")
+                lambda closing: on_closed(f"AMQP channel closed: {_reason(closing)}", True)
             )
             return channel
 
@@ -357,23 +376,39 @@ class AmqpBroker(Broker):
         token: trio.lowlevel.TrioToken,
         *,
         operation_timeout: float = OPERATION_TIMEOUT,
+        ride_through: RideThrough | None = None,
     ) -> None:
         self._runner = runner
         self._core = core
         self._token = token
         self._closed = False
         self.operation_timeout = operation_timeout
+        self._ride = ride_through or RideThrough(0.0, "RabbitMQ")
 
     @classmethod
     async def connect(
-        cls, settings: AmqpSettings, *, operation_timeout: float = OPERATION_TIMEOUT
+        cls,
+        settings: AmqpSettings,
+        *,
+        operation_timeout: float = OPERATION_TIMEOUT,
+        ride_through: float = 0.0,
     ) -> AmqpBroker:
+        """Connect (not retried, whatever `ride_through`: a channel process that cannot
+        reach RabbitMQ at start exits, to be restarted with backoff).
+
+        With `ride_through` (channel processes), publishes and declares that find RabbitMQ
+        refusing or dropping connections are tried again for that many seconds, and a
+        consumer whose connection dropped raises ConsumerLostError so that its owner opens
+        a new one (see ipc/ride_through.py); lengths, deletes and ping() fail at once.
+        """
         runner = _LoopThread()
+        where = f"amqp://{settings.hostname}:{settings.port}"
         broker = cls(
             runner,
             _Core(_url(settings)),
             trio.lowlevel.current_trio_token(),
             operation_timeout=operation_timeout,
+            ride_through=RideThrough(ride_through, where),
         )
         try:
             await broker._call(broker._core.connect())
@@ -447,10 +482,14 @@ class AmqpBroker(Broker):
             raise _unavailable(exc) from exc
 
     async def declare_queue(self, queue: str, *, max_priority: int = 0) -> None:
-        await self._call(self._core.declare(queue, max_priority, if_new=False))
+        await self._ride.run(
+            lambda: self._call(self._core.declare(queue, max_priority, if_new=False))
+        )
 
     async def publish(self, queue: str, body: bytes, *, priority: int = 0) -> None:
-        await self._call(self._core.publish(queue, body, priority))
+        # A publish whose confirm was lost with the connection may be stored twice: at least
+        # once is the contract (the copies carry the same message id).
+        await self._ride.run(lambda: self._call(self._core.publish(queue, body, priority)))
 
     @asynccontextmanager
     async def consume(self, queue: str, *, prefetch: int) -> AsyncIterator[Consumer]:
@@ -460,7 +499,7 @@ class AmqpBroker(Broker):
         """
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
-        consumer = _AmqpConsumer(self, prefetch)
+        consumer = _AmqpConsumer(self, prefetch, rides_through=self._ride.seconds > 0)
         token = self._token
 
         def on_message(message: DeliveredMessage) -> None:
@@ -472,13 +511,15 @@ class AmqpBroker(Broker):
             with suppress(trio.RunFinishedError):
                 token.run_sync_soon(consumer.deliver, delivery)
 
-        def on_closed(reason: str) -> None:
+        def on_closed(reason: str, lost: bool) -> None:
             with suppress(trio.RunFinishedError):
-                token.run_sync_soon(consumer.fail, reason)
+                token.run_sync_soon(consumer.fail, reason, lost)
 
-        channel = await self._call(
-            self._core.open_consumer(queue, prefetch, on_message, on_closed),
-            undo=self._core.close_consumer,
+        channel = await self._ride.run(
+            lambda: self._call(
+                self._core.open_consumer(queue, prefetch, on_message, on_closed),
+                undo=self._core.close_consumer,
+            )
         )
         consumer.channel = channel
         try:
@@ -509,12 +550,15 @@ class AmqpBroker(Broker):
 
 
 class _AmqpConsumer(Consumer):
-    def __init__(self, broker: AmqpBroker, prefetch: int) -> None:
+    def __init__(self, broker: AmqpBroker, prefetch: int, *, rides_through: bool) -> None:
         self._broker = broker
         # basic_qos(prefetch) bounds unacked deliveries, so this buffer never fills.
         self._send, self._recv = trio.open_memory_channel[Delivery](prefetch)
         self._unacked: set[int] = set()
         self._failure: str | None = None
+        #: The channel closed under it (not cancelled by RabbitMQ, not closed by us).
+        self._lost = False
+        self._rides_through = rides_through
         self.channel: AbstractChannel | None = None
 
     def deliver(self, delivery: Delivery) -> None:
@@ -522,9 +566,10 @@ class _AmqpConsumer(Consumer):
         with suppress(trio.WouldBlock, trio.ClosedResourceError):
             self._send.send_nowait(delivery)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, lost: bool = False) -> None:
         if self._failure is None:
             self._failure = reason
+            self._lost = lost
         self._send.close()
 
     async def receive(self) -> Delivery:
@@ -535,7 +580,10 @@ class _AmqpConsumer(Consumer):
                 if self._failure is None:
                     self._unacked.add(delivery.tag)
                     return delivery
-        raise BrokerUnavailableError(self._failure or "the consumer is closed")
+        reason = self._failure or "the consumer is closed"
+        if self._lost and self._rides_through:
+            raise ConsumerLostError(reason, unreachable=True)
+        raise BrokerUnavailableError(reason)
 
     async def ack(self, delivery: Delivery) -> None:
         await self._settle(delivery, ack=True, requeue=False)
@@ -549,6 +597,15 @@ class _AmqpConsumer(Consumer):
         if delivery.tag not in self._unacked or self.channel is None:
             return
         self._unacked.discard(delivery.tag)
-        await self._broker._call(
-            self._broker._core.settle(self.channel, delivery.tag, ack=ack, requeue=requeue)
-        )
+        if self._failure is not None and self._rides_through:
+            # Its channel is gone, and with it the delivery: RabbitMQ delivers it again.
+            log.debug("delivery %d not settled: %s", delivery.tag, self._failure)
+            return
+        try:
+            await self._broker._call(
+                self._broker._core.settle(self.channel, delivery.tag, ack=ack, requeue=requeue)
+            )
+        except BrokerUnavailableError as exc:
+            if not (exc.unreachable and self._rides_through):
+                raise
+            log.debug("delivery %d not settled: %s", delivery.tag, exc)

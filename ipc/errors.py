@@ -4,9 +4,11 @@ JunebugIpcError
 ├── ProtocolError          a frame or message could not be decoded; the connection is closed
 ├── ConnectionClosedError  the peer went away mid-request
 ├── RemoteError            the peer answered a request with ErrorReply (boxed type + message)
-├── StoreUnavailableError       the state store (Redis / embedded) cannot be reached or written
-└── BrokerUnavailableError      the queue broker (RabbitMQ / embedded) cannot be reached or written
-    └── QueueFullError          the queue refused a message (backpressure)
+└── BackendUnavailableError     a backend failed (`unreachable`: it refused the connection)
+    ├── StoreUnavailableError   the state store (Redis / embedded) cannot be reached or written
+    └── BrokerUnavailableError  the queue broker (RabbitMQ / embedded) cannot be reached or written
+        ├── ConsumerLostError   a consumer's connection closed under it (open a new one)
+        └── QueueFullError      the queue refused a message (backpressure)
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class RemoteError(JunebugIpcError):
         self.code = code
 
 
-class StoreUnavailableError(JunebugIpcError):
-    """`unreachable`: the store refused or dropped the connection (restarting, failing
+class BackendUnavailableError(JunebugIpcError):
+    """`unreachable`: the backend refused or dropped the connection (restarting, failing
     over), so the same call may well succeed a moment later; otherwise it answered with an
     error, did not answer in time, or cannot be written."""
 
@@ -44,8 +46,18 @@ class StoreUnavailableError(JunebugIpcError):
         self.unreachable = unreachable
 
 
-class BrokerUnavailableError(JunebugIpcError):
+class StoreUnavailableError(BackendUnavailableError):
     pass
+
+
+class BrokerUnavailableError(BackendUnavailableError):
+    pass
+
+
+class ConsumerLostError(BrokerUnavailableError):
+    """The consumer's channel or connection closed under it while the broker may come back
+    (raised only by a broker that rides out outages): its unacked deliveries go back to the
+    queue, and a new consumer gets them again."""
 
 
 class QueueFullError(BrokerUnavailableError):

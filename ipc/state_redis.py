@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from ipc.errors import StoreUnavailableError
 from ipc.group_commit import GroupCommit
+from ipc.ride_through import RideThrough
 from ipc.state import (
     JsonObject,
     KvEntry,
@@ -54,9 +55,6 @@ MAX_THREADS: Final = 16
 #: keeps every caller's wait bounded instead of queueing behind the stuck ones.
 THREAD_WAIT: Final = 2.5
 SOCKET_TIMEOUT: Final = 5.0
-#: The first and the longest wait between tries while Redis refuses connections.
-RIDE_FIRST_DELAY: Final = 0.05
-RIDE_MAX_DELAY: Final = 1.0
 SCAN_BATCH: Final = 500
 
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
@@ -177,10 +175,8 @@ class RedisStateStore(StateStore):
         self._prefix = f"{settings.key_prefix}:" if settings.key_prefix else ""
         self._where = f"redis://{settings.host}:{settings.port}/{settings.db}"
         self._group: GroupCommit[Sequence[Command]] = GroupCommit(self._commit, self._commit_one)
-        #: Seconds a call keeps trying while Redis refuses connections (0: it fails at once).
-        self._ride_through = ride_through
-        #: When (trio clock) the current outage was first met, while calls are riding it out.
-        self._outage_since: float | None = None
+        #: Calls keep trying while Redis refuses connections (0 s: they fail at once).
+        self._ride_through = RideThrough(ride_through, self._where)
 
     @classmethod
     async def connect(
@@ -225,49 +221,12 @@ class RedisStateStore(StateStore):
             self._limiter.release()
 
     async def _ride(self, op: Callable[[], Awaitable[T]]) -> T:
-        """op(), tried again while Redis refuses connections, for up to `ride_through`
-        seconds from the first refusal; then, or on any other failure, its error."""
-        if self._ride_through <= 0:
-            return await op()
-        delay = RIDE_FIRST_DELAY
-        deadline: float | None = None
-        while True:
-            try:
-                result = await op()
-            except StoreUnavailableError as exc:
-                now = trio.current_time()
-                if not exc.unreachable:
-                    raise
-                if deadline is None:
-                    deadline = now + self._ride_through
-                    self._outage_met(exc, now)
-                elif now >= deadline:
-                    raise
-                # The last try comes at the deadline.
-                await trio.sleep(min(delay, deadline - now))
-                delay = min(2 * delay, RIDE_MAX_DELAY)
-            else:
-                if self._outage_since is not None:
-                    log.warning(
-                        "%s: reachable again after %.1f s",
-                        self._where,
-                        trio.current_time() - self._outage_since,
-                    )
-                    self._outage_since = None
-                return result
+        """op(), tried again while Redis refuses connections (ipc/ride_through.py)."""
+        return await self._ride_through.run(op)
 
     async def _ride_call(self, fn: Callable[[redis.Redis], T]) -> T:
         """_call(fn), riding out Redis refusing connections (see _ride)."""
         return await self._ride(functools.partial(self._call, fn))
-
-    def _outage_met(self, exc: StoreUnavailableError, now: float) -> None:
-        if self._outage_since is None:
-            self._outage_since = now
-            log.warning(
-                "%s; calls are retried for up to %g s before they fail",
-                exc,
-                self._ride_through,
-            )
 
     async def _execute(self, *commands: Command, atomic: bool = True) -> list[Any]:
         """Send the commands in one round trip and return their replies.

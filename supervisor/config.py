@@ -204,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds a channel waits out a Redis outage before restarting (5)",
     )
+    add(
+        "--broker-ride-through",
+        dest="broker_ride_through",
+        type=float,
+        help="seconds a channel waits out a RabbitMQ outage before restarting (5)",
+    )
     add("--webhook-max-age", dest="webhook_max_age", type=float, help="retry seconds (86400)")
     add("--webhook-timeout", dest="webhook_timeout", type=float, help="seconds per POST (10)")
     add("--max-channels", dest="max_channels", type=int, help="channels allowed (1000)")
@@ -313,6 +319,7 @@ def _check_ranges(s: Settings) -> None:
         "restart_intensity": s.restart_intensity,
         "shutdown_grace": s.shutdown_grace,
         "store_ride_through": s.store_ride_through,
+        "broker_ride_through": s.broker_ride_through,
         "max_log_files": s.max_log_files,
         "max_logs": s.max_logs,
         "log_rotate_size": s.log_rotate_size,

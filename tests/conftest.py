@@ -18,7 +18,13 @@ from ipc.names import Namespace
 from ipc.settings import AmqpSettings, RedisSettings, Settings
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
+
+    import trio
+
+    from ipc.broker import Broker
+    from tests.faults.harness import RelayProxy
 
 REDIS_HOST = os.environ.get("JUNEBUG_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("JUNEBUG_TEST_REDIS_PORT", "6379"))
@@ -88,3 +94,22 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     else:
         result = request.getfixturevalue("redis_settings")
     return result
+
+
+@pytest.fixture
+async def amqp_relay(services: None, nursery: trio.Nursery) -> RelayProxy:
+    """RabbitMQ behind a relay the test can take down, bring back or stall."""
+    from tests.faults.harness import RelayProxy
+
+    relay = RelayProxy(AMQP_HOST, AMQP_PORT)
+    await nursery.start(relay.run)
+    return relay
+
+
+@pytest.fixture
+async def rabbitmq(redis_settings: Settings) -> AsyncIterator[Broker]:
+    """A broker straight to RabbitMQ, untouched by the relay's outages."""
+    from ipc.broker import open_broker
+
+    async with open_broker(redis_settings) as broker:
+        yield broker

@@ -4,8 +4,7 @@ a gated fake for the window (sends in flight at once), and the smpp transport + 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import pytest
 import trio
@@ -20,7 +19,14 @@ from channel_proc.transports.telnet import TelnetConfig, TelnetTransport
 from ipc.broker import MAX_PRIORITY
 from ipc.codec import decode_vumi_event
 from ipc.payloads import EventType, VumiMessage
-from tests.channel_proc.outbound_support import FakeProvider, publish_outbound, running_outbound
+from tests.channel_proc.outbound_support import (
+    FakeProvider,
+    GatedTransport,
+    publish_contents,
+    publish_outbound,
+    read_events,
+    running_outbound,
+)
 from tests.channel_proc.support import WAIT, drain_queue, wait_for, wait_for_length
 from tests.channel_proc.transports.harness import MemoryLink
 from tests.fakes.fake_smsc import SubmitAnswer, open_fake_smsc, smpp_config
@@ -169,85 +175,6 @@ async def test_shutdown_receive_does_not_hand_out_prefetched_messages_after_stop
 
 
 # --- the window: several sends in flight ----------------------------------------------------
-
-
-@dataclass(eq=False)
-class GatedCall:
-    """One send call, blocked until the test settles it."""
-
-    content: str
-    outcome: SendError | None = None
-    settled: trio.Event = field(default_factory=trio.Event)
-
-    def settle(self, error: SendError | None = None) -> None:
-        self.outcome = error
-        self.settled.set()
-
-
-class GatedTransport(FakeProvider):
-    """A provider double with a window: every call waits for the test to settle it."""
-
-    kind: ClassVar[str] = "gated"
-
-    def __init__(self, window: int) -> None:
-        super().__init__()
-        self.window = window
-        self.calls: list[GatedCall] = []
-        self.busy = 0
-        self.most_busy = 0
-
-    @property
-    def max_in_flight(self) -> int:
-        return self.window
-
-    async def send(self, msg: VumiMessage) -> SendReceipt:
-        # Recorded before the first checkpoint: the order of the calls themselves.
-        call = GatedCall(msg.content or "")
-        self.calls.append(call)
-        self.busy += 1
-        self.most_busy = max(self.most_busy, self.busy)
-        try:
-            await call.settled.wait()
-        finally:
-            self.busy -= 1
-        if call.outcome is not None:
-            raise call.outcome
-        return SendReceipt(provider_message_id=f"p-{call.content}")
-
-    def contents(self) -> list[str]:
-        return [call.content for call in self.calls]
-
-    async def wait_calls(self, count: int) -> list[GatedCall]:
-        """Until `count` calls were made and the actor is idle (no further call is coming)."""
-
-        async def made() -> bool:
-            return len(self.calls) >= count
-
-        with trio.fail_after(WAIT):
-            await wait_for(made)
-        await trio.testing.wait_all_tasks_blocked()
-        return self.calls
-
-
-async def publish_contents(
-    broker: Broker, namespace: Namespace, channel_id: str, contents: list[str]
-) -> dict[str, str]:
-    """Publish one message per content; content -> message id."""
-    ids = {}
-    for content in contents:
-        msg = VumiMessage(to_addr="+27820000001", content=content)
-        await publish_outbound(broker, namespace, channel_id, msg)
-        ids[content] = msg.message_id
-    return ids
-
-
-async def read_events(
-    broker: Broker, namespace: Namespace, channel_id: str, count: int
-) -> list[Any]:
-    return [
-        decode_vumi_event(body)
-        for body in await drain_queue(broker, namespace.event_queue(channel_id), count)
-    ]
 
 
 async def test_window_sends_in_queue_order_and_acks_each_when_done(

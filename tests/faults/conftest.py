@@ -7,14 +7,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ipc.settings import AmqpSettings, RedisSettings
-from tests.conftest import AMQP_HOST, AMQP_PORT
 from tests.faults.harness import PrivateRedis, RelayProxy, private_redis
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
-
-    import trio
 
     from ipc.settings import Settings
 
@@ -23,13 +20,6 @@ if TYPE_CHECKING:
 async def redis_server(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
     async with private_redis(tmp_path / "redis") as server:
         yield server
-
-
-@pytest.fixture
-async def amqp_relay(services: None, nursery: trio.Nursery) -> RelayProxy:
-    relay = RelayProxy(AMQP_HOST, AMQP_PORT)
-    await nursery.start(relay.run)
-    return relay
 
 
 @pytest.fixture

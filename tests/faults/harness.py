@@ -1,7 +1,8 @@
 """What the fault tests break things with, and how they measure what survived.
 
 - RelayProxy: a TCP relay between the gateway and RabbitMQ that a test takes down, brings
-  back on the same port, or stalls (connections open, no bytes move).
+  back on the same port, or stalls (connections open, no bytes move); relayed_broker opens
+  our AMQP broker through one.
 - PrivateRedis: a redis-server of the test's own (append-only file, fsync always), killed
   with SIGKILL, paused with SIGSTOP and started again, without touching the shared Redis.
 - TimedSmsc: the fake SMSC, noting when each PDU arrived.
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import trio
 
+from ipc.broker_amqp import AmqpBroker
+from ipc.settings import AmqpSettings
 from tests.e2e.gateway import WAIT, free_port, remember_channel, wait_for
 from tests.fakes.fake_smsc import FakeSmsc, smpp_config
 
@@ -119,6 +122,19 @@ class RelayProxy:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         scope.cancel()
+
+
+@asynccontextmanager
+async def relayed_broker(relay: RelayProxy, *, ride_through: float) -> AsyncIterator[AmqpBroker]:
+    """An AMQP broker connected through `relay` (brought back up before it closes)."""
+    broker = await AmqpBroker.connect(
+        AmqpSettings(hostname="127.0.0.1", port=relay.port), ride_through=ride_through
+    )
+    try:
+        yield broker
+    finally:
+        relay.up()
+        await broker.aclose()
 
 
 # --- a Redis of our own ---------------------------------------------------------------

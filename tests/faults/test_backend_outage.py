@@ -264,36 +264,49 @@ async def test_redis_restarted_mid_run(
         assert status == 200
 
 
-async def test_a_short_redis_restart_is_waited_out_by_a_busy_channel(
-    outage_settings: Settings, redis_server: PrivateRedis
+@pytest.mark.parametrize("backend", ["redis", "rabbitmq"])
+async def test_a_short_outage_is_waited_out_by_a_busy_channel(
+    outage_settings: Settings, redis_server: PrivateRedis, amqp_relay: RelayProxy, backend: str
 ) -> None:
-    """Redis back within the channels' store_ride_through: a channel with sends and events
-    under way keeps its process and its SMPP bind (no restart, no re-bind), and every
+    """Redis or RabbitMQ back within the channels' store / broker ride-through: a channel
+    with sends and events under way keeps its process and its SMPP bind (no restart, no
+    re-bind; its consumers are opened again in place after a RabbitMQ outage), and every
     accepted message is sent with its event; the API refuses sends (503) meanwhile."""
     async with (
         open_fake_webhook() as hook,
         open_timed_smsc() as smsc,
         running_gateway(outage_settings) as gateway,
     ):
-        # Slow answers keep events coming while the store is gone: storing them waits.
+        # Slow answers keep sends in the window and events coming while the backend is gone.
         smsc.script_submits(*[SubmitAnswer(delay=0.3)] * 10_000)
         cid = await create_smpp_channel(gateway, smsc, hook)
         await wait_smpp_bound(gateway, cid)
         (pid,) = channel_pids(cid)
         outage = trio.Event()
         async with steady_sending(gateway, cid, hook, outage) as sender:
-            await redis_server.kill()
+            if backend == "redis":
+                await redis_server.kill()
+            else:
+                await amqp_relay.down()
             try:
                 outage.set()
                 await wait_refused(sender)
+                # Long enough for the channel to meet the outage and retry.
+                await trio.sleep(1.0)
             finally:
-                await redis_server.start()
+                if backend == "redis":
+                    await redis_server.start()
+                else:
+                    amqp_relay.up()
         with trio.fail_after(60):
             await wait_all_submitted(smsc, sender)
             await wait_all_events(hook, sender)
-        assert_only_503(sender, "state store unavailable")
+        reason = "state store unavailable" if backend == "redis" else "queue broker unavailable"
+        assert_only_503(sender, reason)
         assert channel_pids(cid) == [pid]
         assert len([c for c in smsc.connections if c.bind is not None]) == 1
+        process = (await components(gateway, cid))["process"]
+        assert (process["status"], process["type"]) == ("ok", "running")
 
 
 def _msg() -> dict[str, str]:

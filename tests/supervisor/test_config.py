@@ -67,6 +67,7 @@ FLAGS: list[tuple[str, str, str, str, Any]] = [
     ("--restart-period", "--restart-period", "5", "restart_period", 5.0),
     ("--shutdown-grace", "--shutdown-grace", "3", "shutdown_grace", 3.0),
     ("--store-ride-through", "--store-ride-through", "0", "store_ride_through", 0.0),
+    ("--broker-ride-through", "--broker-ride-through", "2.5", "broker_ride_through", 2.5),
     ("--webhook-max-age", "--webhook-max-age", "60", "webhook_max_age", 60.0),
     ("--webhook-timeout", "--webhook-timeout", "2", "webhook_timeout", 2.0),
 ]
@@ -220,6 +221,7 @@ def test_config_plugins_and_sentry_are_implemented() -> None:
         (lambda p: ["-p", "70000"], "port 70000 is not in 0-65535"),
         (lambda p: ["--api-workers", "0"], "api_workers must be > 0"),
         (lambda p: ["--store-ride-through", "-1"], "store_ride_through must be >= 0"),
+        (lambda p: ["--broker-ride-through", "-1"], "broker_ride_through must be >= 0"),
         (lambda p: ["-pl", "{bad"], "invalid JSON"),
         (lambda p: ["-pl", "[1]"], "must be a JSON object with a 'type'"),
         (lambda p: ["-ch", "nocolon"], "expected type:module:Class"),
