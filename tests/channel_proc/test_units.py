@@ -152,11 +152,16 @@ def test_json_line_formatter_exception_is_redacted() -> None:
 def restore_root_logger() -> object:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    # configure_logging also turns off record fields the channel log does not use.
+    switches = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {name: getattr(logging, name) for name in switches}
     yield None
     for handler in root.handlers:
         if handler not in handlers:
             handler.close()
     root.handlers, root.level = handlers, level
+    for name, value in saved.items():
+        setattr(logging, name, value)
 
 
 @pytest.mark.usefixtures("restore_root_logger")
