@@ -564,5 +564,4 @@ class Forwarder(QueueConsumer):
             else:
                 self._counters.inc("events_total", label)
         if not stored:
-            rate = self._rate(label)
-            await self._store.incr_rate(rate.owner_id, rate.label, rate.bucket, rate.ttl)
+            await self._store.incr_rates([self._rate(label)])

@@ -26,7 +26,7 @@ JsonObject = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class RateCount:
-    """One count for StateStore.incr_rate: `owner_id:label:bucket`, expiring after ttl."""
+    """One count for StateStore.incr_rates: `owner_id:label:bucket`, expiring after ttl."""
 
     owner_id: str
     label: str
@@ -151,9 +151,13 @@ class StateStore(abc.ABC):
 
     # --- rates ------------------------------------------------------------------------
 
-    @abc.abstractmethod
     async def incr_rate(self, owner_id: str, label: str, bucket: int, ttl: float) -> None:
         """Add one to the counter `owner_id:label:bucket` (expires after ttl)."""
+        await self.incr_rates([RateCount(owner_id, label, bucket, ttl)])
+
+    @abc.abstractmethod
+    async def incr_rates(self, rates: Sequence[RateCount]) -> None:
+        """Add one to each counter, as incr_rate, in one write (all or none)."""
 
     @abc.abstractmethod
     async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:

@@ -419,8 +419,10 @@ class RedisStateStore(StateStore):
         key = self._key(rate.owner_id, rate.label, str(rate.bucket))
         return [("INCR", key), ("PEXPIRE", key, _ms(rate.ttl))]
 
-    async def incr_rate(self, owner_id: str, label: str, bucket: int, ttl: float) -> None:
-        await self._execute(*self._incr_rate(RateCount(owner_id, label, bucket, ttl)))
+    async def incr_rates(self, rates: Sequence[RateCount]) -> None:
+        commands = [command for rate in rates for command in self._incr_rate(rate)]
+        if commands:
+            await self._execute(*commands)
 
     async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:
         if not labels:

@@ -517,10 +517,15 @@ class SqliteStateStore(StateStore):
             (self._ns, rate.owner_id, rate.label, rate.bucket, now + rate.ttl, now),
         )
 
-    async def incr_rate(self, owner_id: str, label: str, bucket: int, ttl: float) -> None:
+    async def incr_rates(self, rates: Sequence[RateCount]) -> None:
         now = time.time()
-        rate = RateCount(owner_id, label, bucket, ttl)
-        await self._call(lambda conn: self._incr_rate(conn, rate, now), write=True)
+
+        def run(conn: sqlite3.Connection) -> None:
+            for rate in rates:
+                self._incr_rate(conn, rate, now)
+
+        if rates:
+            await self._call(run, write=True)
 
     async def get_rates(self, owner_id: str, labels: Sequence[str], bucket: int) -> dict[str, int]:
         now = time.time()

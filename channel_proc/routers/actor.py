@@ -152,6 +152,7 @@ class RouterActor(QueueConsumer):
             self._counters.inc("messages_in_total")
         else:
             self._counters.inc("events_total", label)
-        for owner in (self._cid, self._rid):
-            rate = RateCount.now(owner, label, self._settings.metric_window)
-            await self._store.incr_rate(rate.owner_id, rate.label, rate.bucket, rate.ttl)
+        window = self._settings.metric_window
+        await self._store.incr_rates(
+            [RateCount.now(owner, label, window) for owner in (self._cid, self._rid)]
+        )

@@ -36,10 +36,12 @@ from tests.channel_proc.webhook_support import (
 from tests.fakes.webhook import DROP
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ipc.broker import Broker
     from ipc.names import Namespace
     from ipc.settings import Settings
-    from ipc.state import OutboundRecord, StateStore
+    from ipc.state import OutboundRecord, RateCount, StateStore
     from tests.fakes.webhook import FakeWebhook
 
 
@@ -542,13 +544,13 @@ async def test_forwarder_counts_a_delivery_with_its_timeline_entry(
     not two); an item given up on is still counted, by a write of its own. Either way each
     item is counted once."""
     counted_alone: list[str] = []
-    incr_rate = store.incr_rate
+    incr_rates = store.incr_rates
 
-    async def spy(owner_id: str, label: str, bucket: int, ttl: float) -> None:
-        counted_alone.append(label)
-        await incr_rate(owner_id, label, bucket, ttl)
+    async def spy(rates: Sequence[RateCount]) -> None:
+        counted_alone.extend(rate.label for rate in rates)
+        await incr_rates(rates)
 
-    monkeypatch.setattr(store, "incr_rate", spy)
+    monkeypatch.setattr(store, "incr_rates", spy)
     if failures < 0:
         webhook.go_down(status=500)
     else:

@@ -15,7 +15,7 @@ import trio.testing
 from ipc.errors import StoreUnavailableError
 from ipc.names import Namespace
 from ipc.settings import RedisSettings
-from ipc.state import OutboundRecord, open_state
+from ipc.state import OutboundRecord, RateCount, open_state
 from ipc.state_redis import RedisStateStore
 from ipc.state_sqlite import SqliteStateStore
 from tests.ipc.sqlite_locks import write_lock_held
@@ -313,6 +313,19 @@ async def test_rates_count_per_owner_label_and_bucket(store: StateStore) -> None
     assert await store.get_rates("c1", LABELS, 101) == {"inbound": 1, "outbound": 0, "submitted": 0}
     assert await store.get_rates("c3", ["inbound"], 100) == {"inbound": 0}
     assert await store.get_rates("c1", [], 100) == {}
+
+
+async def test_rates_of_several_owners_are_counted_in_one_write(store: StateStore) -> None:
+    await store.incr_rates(
+        [
+            RateCount("channel", "inbound", 7, LONG_TTL),
+            RateCount("router", "inbound", 7, LONG_TTL),
+            RateCount("router", "inbound", 7, LONG_TTL),
+        ]
+    )
+    await store.incr_rates([])
+    assert await store.get_rates("channel", ["inbound"], 7) == {"inbound": 1}
+    assert await store.get_rates("router", ["inbound"], 7) == {"inbound": 2}
 
 
 async def test_concurrent_increments_are_not_lost(store: StateStore) -> None:
