@@ -241,6 +241,9 @@ async def consume_in_order(
                 tasks.start_soon(_run_one, lane, handle, consumer, delivery, lane.new_turn())
             else:
                 return
+        if shutdown.requested:
+            # Lost as a stop came: nothing left to take the queue for.
+            return
 
 
 async def _run_one(

@@ -82,8 +82,10 @@ class Settings(_Frozen):
     #: restart, a failover) before it fails and the channel restarts; 0: fail at once.
     store_ride_through: float = 5.0
     #: The same for RabbitMQ: publishes wait, and consumers whose connection dropped are
-    #: opened again in place (their unacked messages are delivered again).
-    broker_ride_through: float = 5.0
+    #: opened again in place (their unacked messages are delivered again). Longer than the
+    #: store's: a RabbitMQ node restart took 7.6 s here (stop_app + start_app); no longer
+    #: than the default shutdown_grace, which a stop during an outage may wait for.
+    broker_ride_through: float = 10.0
     #: HTTP request bodies larger than this get 413; slower than body_timeout get 408.
     max_body_size: int = 1_048_576
     body_timeout: float = 30.0

@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker-ride-through",
         dest="broker_ride_through",
         type=float,
-        help="seconds a channel waits out a RabbitMQ outage before restarting (5)",
+        help="seconds a channel waits out a RabbitMQ outage before restarting (10)",
     )
     add("--webhook-max-age", dest="webhook_max_age", type=float, help="retry seconds (86400)")
     add("--webhook-timeout", dest="webhook_timeout", type=float, help="seconds per POST (10)")

@@ -165,7 +165,9 @@ def assert_only_503(sender: Sender, reason: str) -> None:
 async def test_rabbitmq_restarted_mid_run(
     outage_settings: Settings, amqp_relay: RelayProxy, run_dir: Path
 ) -> None:
-    args = ["--run-dir", str(run_dir)]
+    """Away for longer than the channels' broker_ride_through (1 s here): the channel exits,
+    reports the broker down, and is restarted until RabbitMQ is back."""
+    args = ["--run-dir", str(run_dir), "--broker-ride-through", "1"]
     async with (
         open_fake_webhook() as hook,
         open_timed_smsc() as smsc,
