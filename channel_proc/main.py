@@ -1,27 +1,24 @@
 """CLI of the channel process: `run --channel-id CID` and `describe`; exceptions -> exit codes.
 
 Also the process-wide observability: the channel log, Sentry (redacted like the log), and
-the `broker` status component: down when the broker fails (at start or while running; the
-process then exits 69 and the supervisor retries it), ok again once a run reaches it.
+the `broker` status component (channel_proc/broker_status.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING
 
 import trio
 from pydantic import ValidationError
 
+from channel_proc.broker_status import OutageReporter, broker_loss_reported, record_broker_up
 from channel_proc.lifecycle import Shutdown
 from channel_proc.logs import Redactor, configure_logging, redact_strings
 from channel_proc.process import (
-    CLEANUP_TIMEOUT,
     ChannelMissingError,
     load_channel,
     record_config_error,
@@ -34,7 +31,7 @@ from channel_proc.transports import available_transports, config_schemas
 from channel_proc.transports.errors import ConfigError
 from channel_proc.webhook import WebhookError, WebhookTarget
 from ipc.broker import open_broker
-from ipc.errors import BrokerUnavailableError, StoreUnavailableError
+from ipc.errors import BrokerUnavailableError, StoreUnavailableError, leaf_exceptions
 from ipc.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from ipc.names import Namespace
 from ipc.observability import configure_sentry
@@ -42,16 +39,12 @@ from ipc.settings import Settings
 from ipc.state import open_state
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Sequence
+    from collections.abc import Sequence
 
     from sentry_sdk.types import Event, Hint
 
-    from ipc.state import StateStore
 
 log = logging.getLogger("channel_proc")
-
-#: The status component that tells whether the channel can reach its queue broker.
-BROKER_COMPONENT: Final = "broker"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,15 +121,6 @@ async def run_channel(settings: Settings, channel_id: str) -> int:
     return EXIT_OK
 
 
-def leaf_exceptions(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside (nested) exception groups, depth first."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from leaf_exceptions(inner)
-    else:
-        yield exc
-
-
 def _start_sentry(settings: Settings, channel_id: str, redact: Redactor) -> None:
     """Report errors to Sentry when `sentry_dsn` is set, redacted like the channel log."""
     if not configure_sentry(settings, role="channel", channel_id=channel_id):
@@ -160,58 +144,20 @@ def url_secrets(url: object) -> list[str]:
         return []
 
 
-def broker_status(
-    settings: Settings, channel_id: str, level: str, type_: str, message: str
-) -> dict[str, Any]:
-    backend = "rabbitmq" if settings.amqp is not None else "embedded"
-    return {
-        "component": BROKER_COMPONENT,
-        "channel_id": channel_id,
-        "status": level,
-        "type": type_,
-        "message": message,
-        "details": {"backend": backend},
-    }
-
-
-@asynccontextmanager
-async def broker_loss_reported(
-    store: StateStore, settings: Settings, channel_id: str
-) -> AsyncIterator[None]:
-    """Record the `broker` component down when the block fails with BrokerUnavailableError."""
-    try:
-        yield
-    except* BrokerUnavailableError as group:
-        error = "; ".join(str(exc) for exc in leaf_exceptions(group))
-        # Best effort and bounded: the process is exiting, and the store may be failing too.
-        with (
-            trio.move_on_after(CLEANUP_TIMEOUT, shield=True),
-            contextlib.suppress(StoreUnavailableError),
-        ):
-            # A deleted channel must not get a status key back.
-            if await store.get_channel(channel_id) is not None:
-                message = f"The queue broker is unavailable: {error}"
-                status = broker_status(settings, channel_id, "down", "unavailable", message)
-                await store.set_status(channel_id, BROKER_COMPONENT, status)
-        raise
-
-
-async def record_broker_up(store: StateStore, settings: Settings, channel_id: str) -> None:
-    """Clear a `broker` down status left by an earlier run (a deleted channel has none)."""
-    previous = (await store.get_statuses(channel_id)).get(BROKER_COMPONENT)
-    if previous is not None and previous.get("status") != "ok":
-        message = "The queue broker is reachable again"
-        status = broker_status(settings, channel_id, "ok", "recovered", message)
-        await store.set_status(channel_id, BROKER_COMPONENT, status)
-
-
 async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
     namespace = Namespace(settings.namespace)
-    async with open_state(settings, namespace, ride_through=settings.store_ride_through) as store:
+    async with (
+        open_state(settings, namespace, ride_through=settings.store_ride_through) as store,
+        trio.open_nursery() as nursery,
+    ):
         await store.ping()
+        outages = OutageReporter(store, settings, channel_id)
+        nursery.start_soon(outages.run)
         async with (
             broker_loss_reported(store, settings, channel_id),
-            open_broker(settings, ride_through=settings.broker_ride_through) as broker,
+            open_broker(
+                settings, ride_through=settings.broker_ride_through, on_outage=outages.note
+            ) as broker,
         ):
             await broker.ping()
             await record_broker_up(store, settings, channel_id)
@@ -243,3 +189,4 @@ async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
                 shutdown=Shutdown(settings.shutdown_grace),
                 routing=routing,
             )
+        nursery.cancel_scope.cancel()

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from contextlib import AbstractAsyncContextManager
 
+    from ipc.ride_through import OutageListener
     from ipc.settings import Settings
 
 #: Outbound queues are declared with this many priority levels (API `priority` 1-5).
@@ -100,13 +101,18 @@ class Broker(abc.ABC):
 
 
 @asynccontextmanager
-async def open_broker(settings: Settings, *, ride_through: float = 0.0) -> AsyncIterator[Broker]:
-    """Open the broker the settings select: RabbitMQ when `settings.amqp` is set, else embedded."""
+async def open_broker(
+    settings: Settings, *, ride_through: float = 0.0, on_outage: OutageListener | None = None
+) -> AsyncIterator[Broker]:
+    """Open the broker the settings select: RabbitMQ when `settings.amqp` is set, else embedded
+    (which has no outages to ride out: `ride_through` and `on_outage` apply to RabbitMQ)."""
     broker: Broker
     if settings.amqp is not None:
         from ipc.broker_amqp import AmqpBroker
 
-        broker = await AmqpBroker.connect(settings.amqp, ride_through=ride_through)
+        broker = await AmqpBroker.connect(
+            settings.amqp, ride_through=ride_through, on_outage=on_outage
+        )
     else:
         from ipc.broker_sqlite import SqliteBroker
 

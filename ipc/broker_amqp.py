@@ -34,7 +34,7 @@ from pamqp.exceptions import PAMQPException
 from ipc.broker import Broker, Consumer, Delivery
 from ipc.errors import BrokerUnavailableError, ConsumerLostError
 from ipc.names import EXCHANGE
-from ipc.ride_through import RideThrough
+from ipc.ride_through import OutageListener, RideThrough
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -392,6 +392,7 @@ class AmqpBroker(Broker):
         *,
         operation_timeout: float = OPERATION_TIMEOUT,
         ride_through: float = 0.0,
+        on_outage: OutageListener | None = None,
     ) -> AmqpBroker:
         """Connect (not retried, whatever `ride_through`: a channel process that cannot
         reach RabbitMQ at start exits, to be restarted with backoff).
@@ -400,6 +401,7 @@ class AmqpBroker(Broker):
         refusing or dropping connections are tried again for that many seconds, and a
         consumer whose connection dropped raises ConsumerLostError so that its owner opens
         a new one (see ipc/ride_through.py); lengths, deletes and ping() fail at once.
+        `on_outage` hears when calls start riding out an outage and when it is over.
         """
         runner = _LoopThread()
         where = f"amqp://{settings.hostname}:{settings.port}"
@@ -408,7 +410,7 @@ class AmqpBroker(Broker):
             _Core(_url(settings)),
             trio.lowlevel.current_trio_token(),
             operation_timeout=operation_timeout,
-            ride_through=RideThrough(ride_through, where),
+            ride_through=RideThrough(ride_through, where, on_outage=on_outage),
         )
         try:
             await broker._call(broker._core.connect())

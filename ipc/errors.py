@@ -13,6 +13,11 @@ JunebugIpcError
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 
 class JunebugIpcError(Exception):
     """Base of every error raised by the ipc package."""
@@ -62,3 +67,12 @@ class ConsumerLostError(BrokerUnavailableError):
 
 class QueueFullError(BrokerUnavailableError):
     pass
+
+
+def leaf_exceptions(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups, depth first; `exc` if not a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaf_exceptions(inner)
+    else:
+        yield exc

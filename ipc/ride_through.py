@@ -11,6 +11,7 @@ caller as long again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
@@ -18,7 +19,7 @@ import trio
 from ipc.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable
 
 T = TypeVar("T")
 
@@ -29,12 +30,19 @@ FIRST_DELAY: Final = 0.05
 MAX_DELAY: Final = 1.0
 
 
+#: Told of each outage as it is first met (with its error) and when it is over (None).
+OutageListener = Callable[[BackendUnavailableError | None], None]
+
+
 class RideThrough:
     """Retries for one backend (`where` names it in the log); `seconds` 0 retries nothing."""
 
-    def __init__(self, seconds: float, where: str) -> None:
+    def __init__(
+        self, seconds: float, where: str, *, on_outage: OutageListener | None = None
+    ) -> None:
         self.seconds = seconds
         self._where = where
+        self._on_outage = on_outage
         #: When (trio clock) the current outage was first met, while calls are riding it out.
         self._outage_since: float | None = None
 
@@ -73,8 +81,12 @@ class RideThrough:
                 trio.current_time() - self._outage_since,
             )
             self._outage_since = None
+            if self._on_outage is not None:
+                self._on_outage(None)
 
     def _met(self, exc: BackendUnavailableError, now: float) -> None:
         if self._outage_since is None:
             self._outage_since = now
             log.warning("%s; calls are retried for up to %g s before they fail", exc, self.seconds)
+            if self._on_outage is not None:
+                self._on_outage(exc)

@@ -96,10 +96,14 @@ async def test_ride_through_deadline_counts_from_the_first_refusal_of_each_call(
 async def test_ride_through_logs_an_outage_once_and_its_end(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ride = RideThrough(5.0, "redis://db")
+    heard: list[str | None] = []
+    ride = RideThrough(
+        5.0, "redis://db", on_outage=lambda exc: heard.append(None if exc is None else str(exc))
+    )
     async with trio.open_nursery() as nursery:
         for _ in range(3):
             nursery.start_soon(ride.run, Flaky(*refused(2)))
+    assert heard == ["connection refused", None]
     waits = [r for r in caplog.records if "retried for up to 5 s" in r.getMessage()]
     back = [r for r in caplog.records if "reachable again" in r.getMessage()]
     assert (len(waits), len(back)) == (1, 1)
