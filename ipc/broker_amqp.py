@@ -599,7 +599,7 @@ class _AmqpConsumer(Consumer):
         if delivery.tag not in self._unacked or self.channel is None:
             return
         self._unacked.discard(delivery.tag)
-        if self._failure is not None and self._rides_through:
+        if self._lost and self._rides_through:
             # Its channel is gone, and with it the delivery: RabbitMQ delivers it again.
             log.debug("delivery %d not settled: %s", delivery.tag, self._failure)
             return
