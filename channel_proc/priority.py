@@ -29,9 +29,12 @@ import logging
 import os
 import resource
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ BACKLOG_HIGH: Final = 1000
 BACKLOG_LOW: Final = 100
 #: How much nicer the process gets while it has a backlog.
 BACKLOG_NICE: Final = 10
+#: Seconds its store and queue writes then wait for others to commit with (channel_proc.process).
+BACKLOG_WRITE_LINGER: Final = 0.010
 #: CAP_SYS_NICE's bit in /proc/self/status CapEff.
 CAP_SYS_NICE: Final = 23
 
@@ -119,11 +124,15 @@ class BacklogPriority:
     priority: ProcessPriority = field(default_factory=ProcessPriority)
     high: int = BACKLOG_HIGH
     low: int = BACKLOG_LOW
+    #: Told True when the backlog starts, False when it is over.
+    on_change: Callable[[bool], None] | None = None
 
     def update(self, depth: int) -> None:
         priority = self.priority
         if priority.level is Level.NORMAL and depth > self.high:
             priority.lower()
+            if self.on_change is not None:
+                self.on_change(True)
             how = f"nice +{priority.backlog_nice}, " if priority.use_nice else ""
             log.info(
                 "outbound backlog of %d: lowering this channel's CPU priority (%sSCHED_BATCH)"
@@ -138,6 +147,8 @@ class BacklogPriority:
                 )
         elif priority.level is Level.BACKLOG and depth <= self.low:
             priority.restore()
+            if self.on_change is not None:
+                self.on_change(False)
             log.info("outbound backlog down to %d: CPU priority restored", depth)
 
     async def run(self) -> None:

@@ -25,7 +25,7 @@ from channel_proc.forwarder import Forwarder, Routes
 from channel_proc.link import QueueLink
 from channel_proc.metrics import RuntimeSnapshots, SendRate, link_up_from
 from channel_proc.outbound import OutboundActor, RateLimiter
-from channel_proc.priority import BacklogPriority
+from channel_proc.priority import BACKLOG_WRITE_LINGER, BacklogPriority
 from channel_proc.routers.actor import RouterActor
 from channel_proc.routers.destination import DestinationForwarder
 from channel_proc.status import MAILBOX_SIZE, run_status_actor
@@ -193,7 +193,7 @@ async def run_channel_process(
             await infra.start(watch_signals, shutdown)
             infra.start_soon(watch_parent, shutdown)
             # Told the outbound depth by the runtime snapshots, which read it anyway (below).
-            priority = BacklogPriority()
+            priority = BacklogPriority(on_change=partial(_linger_in_backlog, store, broker))
             infra.start_soon(priority.run)
         await infra.start(
             partial(
@@ -273,6 +273,16 @@ async def run_channel_process(
             transport_nursery.cancel_scope.cancel()
         log.info("channel %s stopped (%s)", cid, shutdown.reason)
         infra.cancel_scope.cancel()
+
+
+def _linger_in_backlog(store: StateStore, broker: Broker, backlog: bool) -> None:
+    """While draining a backlog, the process's writes wait BACKLOG_WRITE_LINGER for others to
+    commit with: the store's write lock and the queue's (which every process shares) are
+    taken a few hundred times a second instead of thousands, so the other channels' writes
+    seldom find them held."""
+    seconds = BACKLOG_WRITE_LINGER if backlog else 0.0
+    store.set_write_linger(seconds)
+    broker.set_write_linger(seconds)
 
 
 def _consumers(

@@ -97,6 +97,11 @@ class Broker(abc.ABC):
         """Raise BrokerUnavailableError when the backend does not answer."""
 
     @abc.abstractmethod
+    def set_write_linger(self, seconds: float) -> None:
+        """Writes (publishes, acks) wait `seconds` for others to commit with them (0, the
+        default: as soon as ready); see StateStore.set_write_linger."""
+
+    @abc.abstractmethod
     async def aclose(self) -> None: ...
 
 

@@ -535,6 +535,11 @@ class AmqpBroker(Broker):
     async def queue_length(self, queue: str) -> int:
         return await self._call(self._core.queue_length(queue))
 
+    def set_write_linger(self, seconds: float) -> None:
+        # Nothing to batch: RabbitMQ takes each publish and ack on its own, with no lock
+        # shared with the other channels' processes.
+        pass
+
     async def delete_queue(self, queue: str) -> None:
         await self._call(self._core.delete_queue(queue))
 

@@ -334,6 +334,7 @@ class SqliteBroker(Broker):
         self._wal_fd = wal_fd
         self._lock = trio.Lock()
         self._pending: list[_Write] = []
+        self._linger = 0.0
         self._arrivals = _Arrivals()
         self.poll_min = poll_min
         self.poll_max = max(poll_max, poll_min)
@@ -432,9 +433,10 @@ class SqliteBroker(Broker):
 
         Cancellation: a write cancelled before its batch started is dropped; once started it
         commits (a cancelled publish may still arrive). A write that is not durable is first
-        tried inline, which a cancellation cannot interrupt.
+        tried inline, which a cancellation cannot interrupt, unless writes linger
+        (set_write_linger): then every write waits that long for others to join its batch.
         """
-        if not durable:
+        if not durable and self._linger <= 0:
             await trio.lowlevel.checkpoint_if_cancelled()
             inline = self._try_inline(fn, write=True)
             if inline.done:
@@ -444,6 +446,8 @@ class SqliteBroker(Broker):
         self._pending.append(op)
         try:
             async with self._lock:
+                if not op.done and self._linger > 0:
+                    await trio.sleep(self._linger)
                 if not op.done:
                     conn = self._open_conn()
                     batch, self._pending = self._pending, []
@@ -463,6 +467,9 @@ class SqliteBroker(Broker):
         return self._conn
 
     # --- Broker -------------------------------------------------------------------------
+
+    def set_write_linger(self, seconds: float) -> None:
+        self._linger = seconds
 
     async def declare_queue(self, queue: str, *, max_priority: int = 0) -> None:
         await self._write(functools.partial(_declare, queue=queue, max_priority=max_priority))

@@ -7,8 +7,9 @@ together they take the embedded store's write lock, which every process shares, 
 append each touched page to its log once, or cost Redis one round trip and one thread hop,
 instead of one per write.
 
-The first writer (the flusher) yields once, so that tasks ready to run queue their writes,
-then commits the batch and wakes the oldest write that came meanwhile to commit the next.
+The first writer (the flusher) yields once, so that tasks ready to run queue their writes
+(or waits `linger` seconds, when set, for more to come), then commits the batch and wakes the
+oldest write that came meanwhile to commit the next.
 Alone, a write costs one scheduler turn and nothing else. Each caller gets its own write's
 outcome: the store's `commit` says which writes succeeded.
 
@@ -57,6 +58,8 @@ class GroupCommit(Generic[W]):
         self._commit_one = commit_one
         self._pending: list[_Entry[W]] = []
         self._flushing = False
+        #: Seconds the flusher waits for more writes before it commits (0: a scheduler turn).
+        self.linger = 0.0
 
     async def run(self, write: W) -> Any:
         """Commit `write` with whatever else is ready; its result, or its error raised."""
@@ -80,6 +83,9 @@ class GroupCommit(Generic[W]):
             # This task commits the next batch (its own write included).
             try:
                 await trio.lowlevel.cancel_shielded_checkpoint()
+                if self.linger > 0:
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(self.linger)
                 batch, self._pending = self._pending, []
                 if len(batch) == 1:
                     return await self._commit_one(write)

@@ -156,6 +156,12 @@ class StateStore(abc.ABC):
         await self.incr_rates([RateCount(owner_id, label, bucket, ttl)])
 
     @abc.abstractmethod
+    def set_write_linger(self, seconds: float) -> None:
+        """Writes wait `seconds` for others to commit with them (0, the default: they commit
+        as soon as ready). A channel draining a backlog sets it, so that it takes a write
+        lock shared with every process, or a round trip, fewer times a second."""
+
+    @abc.abstractmethod
     async def incr_rates(self, rates: Sequence[RateCount]) -> None:
         """Add one to each counter, as incr_rate, in one write (all or none)."""
 

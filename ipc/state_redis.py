@@ -194,6 +194,9 @@ class RedisStateStore(StateStore):
 
     # --- plumbing ---------------------------------------------------------------------
 
+    def set_write_linger(self, seconds: float) -> None:
+        self._group.linger = seconds
+
     def _key(self, *parts: str) -> str:
         return self._prefix + self._namespace.key(*parts)
 

@@ -179,6 +179,9 @@ class SqliteStateStore(StateStore):
 
     # --- plumbing ---------------------------------------------------------------------
 
+    def set_write_linger(self, seconds: float) -> None:
+        self._group.linger = seconds
+
     async def _run(self, fn: Callable[[], T]) -> T:
         """Run fn in a worker thread; the one place sqlite3 errors are translated."""
         if self._closed:

@@ -52,7 +52,9 @@ WATCHER: Final = textwrap.dedent(
     async def main(queue):
         async with open_broker(Settings.from_env()) as broker:
             await broker.declare_queue(queue)
-            watch = BacklogPriority(high={HIGH}, low={LOW})
+            watch = BacklogPriority(
+                high={HIGH}, low={LOW}, on_change=lambda on: print("backlog", on, flush=True)
+            )
 
             async def tell_depth():
                 # As the channel's runtime snapshots do, faster.
@@ -180,6 +182,8 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
 
         await broker.publish(queue, b"one more")
         await wait_for_states(proc.pid, {(base + BACKLOG_NICE, SCHED_BATCH)})
+        # Its owner hears of it (the channel process makes its writes linger).
+        await read_until(proc.stdout, b"backlog True")
 
         # Down to LOW + 2 (LOW + 1 while drain's next delivery is in flight): still a
         # backlog (hysteresis).
@@ -189,6 +193,7 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
 
         await drain(broker, queue, 2)
         await wait_for_states(proc.pid, normal)
+        await read_until(proc.stdout, b"backlog False")
     finally:
         assert proc.stdin is not None
         await proc.stdin.aclose()

@@ -155,3 +155,21 @@ async def test_every_write_is_committed_once(writers: int) -> None:
             nursery.start_soon(group.run, n)
     committed = [n for batch in store.batches for n in batch]
     assert sorted(committed) == list(range(writers))
+
+
+@pytest.mark.parametrize(
+    ("linger", "batches"),
+    [(0.0, [[1], [2], [3], [4]]), (0.003, [[1, 2, 3], [4]])],
+    ids=["no-linger", "linger"],
+)
+async def test_a_lingering_flusher_takes_the_writes_that_come_meanwhile(
+    autojump_clock: trio.testing.MockClock, linger: float, batches: list[list[int]]
+) -> None:
+    store = Store()
+    group = GroupCommit(store.commit, store.commit_one)
+    group.linger = linger
+    async with trio.open_nursery() as nursery:
+        for n, after in ((1, 0.001), (2, 0.001), (3, 0.01), (4, 0.0)):
+            nursery.start_soon(group.run, n)
+            await trio.sleep(after)
+    assert store.batches == batches
