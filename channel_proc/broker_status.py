@@ -92,12 +92,13 @@ class OutageReporter:
         self._store = store
         self._settings = settings
         self._channel_id = channel_id
-        #: The error of the outage under way, or None once it is over; unset: nothing new.
-        self._news: list[BackendUnavailableError | None] = []
+        #: The error of the outage under way, or None once it is over (read on each wake-up;
+        #: _wake is only set together with a new value).
+        self._latest: BackendUnavailableError | None = None
         self._wake = trio.Event()
 
     def note(self, error: BackendUnavailableError | None) -> None:
-        self._news = [error]
+        self._latest = error
         self._wake.set()
 
     async def run(self) -> None:
@@ -105,10 +106,9 @@ class OutageReporter:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            news, self._news = self._news, []
-            for error in news:
-                if error is not None:
-                    await _record_down(self._store, self._settings, self._channel_id, str(error))
-                else:
-                    with contextlib.suppress(StoreUnavailableError):
-                        await record_broker_up(self._store, self._settings, self._channel_id)
+            error = self._latest
+            if error is not None:
+                await _record_down(self._store, self._settings, self._channel_id, str(error))
+            else:
+                with contextlib.suppress(StoreUnavailableError):
+                    await record_broker_up(self._store, self._settings, self._channel_id)

@@ -1,9 +1,12 @@
 """The outbound actor: `{channel_id}.outbound` -> transport.send -> ack/nack event, then ack.
 
 Up to the transport's `max_in_flight` sends run at once, started in queue order; each
-delivery is acked as soon as its own outcome is known. A send that fails in a way a retry
-may fix stops new sends until those in flight are done, then the failed ones go again, in
-queue order, before anything newer.
+delivery is acked as soon as its own outcome is known. With a transport that dedupes
+redeliveries (SMPP), a send's place in that window is free once the transport has answered:
+publishing its event and acking it (durable writes, which may wait for a group commit)
+overlap the next sends instead of holding the provider's window. A send that fails in a way
+a retry may fix stops new sends until those in flight are done, then the failed ones go
+again, in queue order, before anything newer.
 
 A consumer lost to a broker outage is replaced in place once the sends in flight are done;
 the messages it held (failed sends waiting for their retry included) come again from the
@@ -93,6 +96,8 @@ class _Item:
     counted: bool = False
     #: A crash is on record for it: it is sent with nothing else in flight.
     suspect: bool = False
+    #: It holds a place in the window (from its turn until its send returns).
+    in_window: bool = False
 
     def __lt__(self, other: _Item) -> bool:
         return self.position < other.position
@@ -121,6 +126,20 @@ class _Window:
     #: A suspect is in flight: nothing else starts until it is done.
     exclusive: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
+
+    def take(self, item: _Item) -> None:
+        item.in_window = True
+        self.in_flight += 1
+
+    def release(self, item: _Item) -> None:
+        """The item's send is over: its place is free (a second call does nothing)."""
+        if not item.in_window:
+            return
+        item.in_window = False
+        self.in_flight -= 1
+        if item.suspect:
+            self.exclusive = False
+        self.notify()
 
     def notify(self) -> None:
         self.changed.set()
@@ -221,7 +240,10 @@ class OutboundActor:
         """
         size = max(1, self._transport.max_in_flight)
         await self._broker.declare_queue(self._queue, max_priority=MAX_PRIORITY)
-        prefetch = size + OUTBOUND_PREFETCH
+        # Room for a window of sends (and as many answered ones awaiting their event and ack,
+        # when those are out of the window), and a few ready.
+        answered_outside = 2 if self._transport.dedupes_redeliveries else 1
+        prefetch = answered_outside * size + OUTBOUND_PREFETCH
         started = False
         while not self._shutdown.requested:
             if await self._paused():
@@ -238,7 +260,7 @@ class OutboundActor:
                 # The sends finish (under the stop's grace) before the consumer closes.
                 async with trio.open_nursery() as sends:
                     while (item := await self._next(consumer, window)) is not None:
-                        window.in_flight += 1
+                        window.take(item)
                         await sends.start(self._process, consumer, window, item)
             # Stopping or paused: what was taken and not acked is back in the queue.
             self._held.clear()
@@ -451,10 +473,7 @@ class OutboundActor:
         try:
             done = await self._attempt(consumer, window, item)
         finally:
-            window.in_flight -= 1
-            if item.suspect:
-                window.exclusive = False
-            window.notify()
+            window.release(item)
         if done is None:
             # Cut short by a hurried stop: unacked, it goes back to the queue.
             return
@@ -479,6 +498,8 @@ class OutboundActor:
             if event is None:
                 window.failed.append(item)
             else:
+                if self._transport.dedupes_redeliveries:
+                    window.release(item)
                 self._retry.reset()
                 if event is SILENT or event.event_type == EventType.ACK:
                     self._record_sent(attempt.parts, latency)

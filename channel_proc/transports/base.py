@@ -119,6 +119,13 @@ class Transport(abc.ABC, Generic[ConfigT]):
     #: The pydantic model of the channel's `config`; its JSON Schema is what the API validates.
     config_type: ClassVar[type[BaseModel]]
 
+    #: True when `send` records what the provider accepted (in the store) before returning,
+    #: and a later `send` of the same message is answered from that record instead of going
+    #: out again (SMPP's ledger). The channel then frees a send's place in the window as soon
+    #: as it returns, while its event is published and its delivery acked: a crash meanwhile
+    #: redelivers the message, which the record keeps from being sent twice.
+    dedupes_redeliveries: ClassVar[bool] = False
+
     def __init__(self, config: ConfigT, link: TransportLink) -> None:
         self.config = config
         self.link = link

@@ -16,7 +16,7 @@ from channel_proc.transports.base import SendReceipt
 from channel_proc.transports.errors import ConnectionFailed, ProviderRejected, SendError
 from channel_proc.transports.smpp import SmppConfig, SmppTransport
 from channel_proc.transports.telnet import TelnetConfig, TelnetTransport
-from ipc.broker import MAX_PRIORITY
+from ipc.broker import MAX_PRIORITY, Broker
 from ipc.codec import decode_vumi_event
 from ipc.payloads import EventType, VumiMessage
 from tests.channel_proc.outbound_support import (
@@ -32,7 +32,9 @@ from tests.channel_proc.transports.harness import MemoryLink
 from tests.fakes.fake_smsc import SubmitAnswer, open_fake_smsc, smpp_config
 
 if TYPE_CHECKING:
-    from ipc.broker import Broker
+    from contextlib import AbstractAsyncContextManager
+
+    from ipc.broker import Consumer
     from ipc.names import Namespace
 
 
@@ -205,6 +207,88 @@ async def test_window_sends_in_queue_order_and_acks_each_when_done(
     assert {e.user_message_id for e in acks} == {ids[c] for c in contents if c != "m1"}
     assert all(e.event_type == EventType.ACK for e in acks)
     assert await broker.queue_length(namespace.outbound_queue(channel_id)) == 0
+
+
+class HeldEventsBroker(Broker):
+    """The broker under test, except that publishes to `held_queue` wait for `release`."""
+
+    def __init__(self, inner: Broker, held_queue: str) -> None:
+        self.inner = inner
+        self.held_queue = held_queue
+        self.release = trio.Event()
+        self.held = 0
+
+    async def declare_queue(self, queue: str, *, max_priority: int = 0) -> None:
+        await self.inner.declare_queue(queue, max_priority=max_priority)
+
+    async def publish(self, queue: str, body: bytes, *, priority: int = 0) -> None:
+        if queue == self.held_queue:
+            self.held += 1
+            await self.release.wait()
+        await self.inner.publish(queue, body, priority=priority)
+
+    def consume(self, queue: str, *, prefetch: int) -> AbstractAsyncContextManager[Consumer]:
+        return self.inner.consume(queue, prefetch=prefetch)
+
+    async def queue_length(self, queue: str) -> int:
+        return await self.inner.queue_length(queue)
+
+    async def delete_queue(self, queue: str) -> None:
+        await self.inner.delete_queue(queue)
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    def set_write_linger(self, seconds: float) -> None:
+        self.inner.set_write_linger(seconds)
+
+    async def aclose(self) -> None:
+        """The fixture closes the inner broker."""
+
+
+class DedupingGatedTransport(GatedTransport):
+    kind: ClassVar[str] = "deduping-gated"
+    dedupes_redeliveries = True
+
+
+@pytest.mark.parametrize(
+    ("transport_type", "next_send_meanwhile"),
+    [(GatedTransport, False), (DedupingGatedTransport, True)],
+)
+async def test_an_answered_send_frees_its_place_before_its_event_only_if_redeliveries_are_deduped(
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    transport_type: type[GatedTransport],
+    next_send_meanwhile: bool,
+) -> None:
+    """Window 1: the first send is answered and its event publish held. A transport that
+    dedupes redeliveries (SMPP's ledger) gets the next send meanwhile; any other only once
+    the first message is acked (a crash in between would send it twice)."""
+    ids = await publish_contents(broker, namespace, channel_id, ["one", "two"])
+    held = HeldEventsBroker(broker, namespace.event_queue(channel_id))
+    transport = transport_type(window=1)
+    async with running_outbound(held, namespace, channel_id, transport):
+        (first,) = await transport.wait_calls(1)
+        first.settle()
+
+        async def event_held() -> bool:
+            return held.held == 1
+
+        with trio.fail_after(WAIT):
+            await wait_for(event_held)
+        if next_send_meanwhile:
+            await transport.wait_calls(2)
+        else:
+            # Long enough for the next delivery to reach a free window place.
+            await trio.sleep(0.3)
+        assert transport.contents() == (["one", "two"] if next_send_meanwhile else ["one"])
+        held.release.set()
+        calls = await transport.wait_calls(2)
+        calls[1].settle()
+        events = await read_events(broker, namespace, channel_id, 2)
+        await wait_for_length(broker, namespace.outbound_queue(channel_id), 0)
+    assert [event.user_message_id for event in events] == [ids["one"], ids["two"]]
 
 
 async def test_window_retries_failed_sends_in_order_before_newer_ones(

@@ -59,6 +59,7 @@ class SmppTransport(Transport[SmppConfig]):
 
     kind = "smpp"
     config_type = SmppConfig
+    dedupes_redeliveries = True
 
     def __init__(self, config: SmppConfig, link: TransportLink) -> None:
         super().__init__(config, link)
