@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import trio
 
-from ipc.broker_amqp import AmqpBroker
+from ipc.broker_amqp import OPERATION_TIMEOUT, AmqpBroker
 from ipc.settings import AmqpSettings
 from tests.e2e.gateway import WAIT, free_port, remember_channel, wait_for
 from tests.fakes.fake_smsc import FakeSmsc, smpp_config
@@ -125,15 +125,21 @@ class RelayProxy:
 
 
 @asynccontextmanager
-async def relayed_broker(relay: RelayProxy, *, ride_through: float) -> AsyncIterator[AmqpBroker]:
-    """An AMQP broker connected through `relay` (brought back up before it closes)."""
+async def relayed_broker(
+    relay: RelayProxy, *, ride_through: float = 0.0, operation_timeout: float = OPERATION_TIMEOUT
+) -> AsyncIterator[AmqpBroker]:
+    """An AMQP broker connected through `relay` (brought back up and flowing before it
+    closes)."""
     broker = await AmqpBroker.connect(
-        AmqpSettings(hostname="127.0.0.1", port=relay.port), ride_through=ride_through
+        AmqpSettings(hostname="127.0.0.1", port=relay.port),
+        ride_through=ride_through,
+        operation_timeout=operation_timeout,
     )
     try:
         yield broker
     finally:
         relay.up()
+        relay.resume()
         await broker.aclose()
 
 

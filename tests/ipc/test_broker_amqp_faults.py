@@ -9,14 +9,13 @@ import pytest
 import trio
 
 from ipc.broker import open_broker
-from ipc.broker_amqp import AmqpBroker
 from ipc.errors import BrokerUnavailableError
-from tests.conftest import AMQP_HOST, AMQP_PORT
-from tests.faults.harness import RelayProxy
+from tests.faults.harness import relayed_broker
 
 if TYPE_CHECKING:
     from ipc.names import Namespace
     from ipc.settings import Settings
+    from tests.faults.harness import RelayProxy
 
 
 async def test_amqp_lengths_of_missing_queues_do_not_fail_concurrent_operations(
@@ -54,78 +53,21 @@ async def test_amqp_lengths_of_missing_queues_do_not_fail_concurrent_operations(
 
 @pytest.mark.slow
 async def test_amqp_calls_fail_in_bounded_time_when_rabbitmq_stops_answering(
-    services: None, namespace: Namespace, nursery: trio.Nursery
+    amqp_relay: RelayProxy, namespace: Namespace
 ) -> None:
-    from ipc.settings import AmqpSettings
-
-    relay = RelayProxy(AMQP_HOST, AMQP_PORT)
-    port = await nursery.start(relay.run)
-    broker = await AmqpBroker.connect(
-        AmqpSettings(hostname="127.0.0.1", port=port), operation_timeout=1.0
-    )
     queue = namespace.queue("stalled")
-    try:
-        await broker.declare_queue(queue)
-        relay.stall()
-        for call in (broker.publish(queue, b"x"), broker.queue_length(queue), broker.ping()):
-            began = trio.current_time()
-            with pytest.raises(BrokerUnavailableError, match="did not answer within 1 s"):
-                await call
-            assert trio.current_time() - began < 3
-        relay.resume()
-        with trio.fail_after(10):
-            await broker.ping()
-    finally:
-        relay.resume()
-        await broker.delete_queue(queue)
-        await broker.aclose()
-
-
-@pytest.mark.parametrize("lost_queue", [False, True], ids=["queue-kept", "queue-lost"])
-async def test_amqp_queue_keeps_its_priorities_across_a_reconnect(
-    redis_settings: Settings,
-    namespace: Namespace,
-    nursery: trio.Nursery,
-    lost_queue: bool,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """After the connection drops, the first publish re-declares the queue as it was asked
-    for (with its priorities): no failed precondition against the live queue, and a queue
-    lost meanwhile comes back as a priority queue, not a plain one."""
-    from ipc.settings import AmqpSettings
-
-    relay = RelayProxy(AMQP_HOST, AMQP_PORT)
-    port = await nursery.start(relay.run)
-    queue = namespace.queue("prioritised")
-    async with open_broker(redis_settings) as direct:
-        broker = await AmqpBroker.connect(AmqpSettings(hostname="127.0.0.1", port=port))
+    async with relayed_broker(amqp_relay, operation_timeout=1.0) as broker:
         try:
-            await broker.declare_queue(queue, max_priority=10)
-            await broker.publish(queue, b"before")
-            await relay.down()
-            if lost_queue:
-                await direct.delete_queue(queue)
-            relay.up()
+            await broker.declare_queue(queue)
+            amqp_relay.stall()
+            for call in (broker.publish(queue, b"x"), broker.queue_length(queue), broker.ping()):
+                began = trio.current_time()
+                with pytest.raises(BrokerUnavailableError, match="did not answer within 1 s"):
+                    await call
+                assert trio.current_time() - began < 3
+            amqp_relay.resume()
             with trio.fail_after(10):
-                for body, priority in ((b"low", 1), (b"high", 9)):
-                    while True:
-                        try:
-                            await broker.publish(queue, body, priority=priority)
-                            break
-                        except BrokerUnavailableError:
-                            await trio.sleep(0.1)
-            expected = [b"high", b"low"] if lost_queue else [b"high", b"low", b"before"]
-            got: list[bytes] = []
-            await direct.declare_queue(queue, max_priority=10)
-            with trio.fail_after(10):
-                async with direct.consume(queue, prefetch=10) as consumer:
-                    async for delivery in consumer:
-                        got.append(delivery.body)
-                        await consumer.ack(delivery)
-                        if len(got) == len(expected):
-                            break
-            assert got == expected
-            assert "exists with other arguments" not in caplog.text
+                await broker.ping()
         finally:
+            amqp_relay.resume()
             await broker.delete_queue(queue)
-            await broker.aclose()
