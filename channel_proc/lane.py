@@ -17,7 +17,8 @@ the grace period; what is not acked by then goes back to the queue.
 A consumer lost to a broker outage (ConsumerLostError) is replaced in place: the handlers in
 flight are cancelled, as their deliveries are back in the queue whatever they do (letting
 them finish would only deliver each twice), and a new consumer takes the queue from the top
-with a fresh lane, so order holds.
+with a fresh lane, so order holds. The loss is noticed at once (Consumer.wait_lost), even
+when every handler is busy, e.g. retrying a webhook that is down, and none calls receive.
 """
 
 from __future__ import annotations
@@ -228,22 +229,40 @@ async def consume_in_order(
             if not started:
                 task_status.started()
                 started = True
-            while await lane.wait_slot():
-                try:
-                    delivery = await shutdown.receive(consumer)
-                except ConsumerLostError as exc:
-                    log.warning("consumer of %s lost (%s); opening a new one", queue, exc)
-                    tasks.cancel_scope.cancel()
-                    break
-                if delivery is None:
+            # Cancelling the nursery ends the handlers and this loop alike.
+            watch = trio.CancelScope()
+            tasks.start_soon(_end_when_lost, consumer, queue, tasks.cancel_scope, watch)
+            try:
+                while await lane.wait_slot():
+                    try:
+                        delivery = await shutdown.receive(consumer)
+                    except ConsumerLostError as exc:
+                        _lost(queue, exc, tasks.cancel_scope)
+                        break
+                    if delivery is None:
+                        return
+                    lane.in_flight += 1
+                    tasks.start_soon(_run_one, lane, handle, consumer, delivery, lane.new_turn())
+                else:
                     return
-                lane.in_flight += 1
-                tasks.start_soon(_run_one, lane, handle, consumer, delivery, lane.new_turn())
-            else:
-                return
+            finally:
+                watch.cancel()
         if shutdown.requested:
             # Lost as a stop came: nothing left to take the queue for.
             return
+
+
+async def _end_when_lost(
+    consumer: Consumer, queue: str, scope: trio.CancelScope, watch: trio.CancelScope
+) -> None:
+    with watch:
+        _lost(queue, await consumer.wait_lost(), scope)
+
+
+def _lost(queue: str, exc: ConsumerLostError, scope: trio.CancelScope) -> None:
+    if not scope.cancel_called:
+        log.warning("consumer of %s lost (%s); opening a new one", queue, exc)
+        scope.cancel()
 
 
 async def _run_one(

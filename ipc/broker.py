@@ -24,10 +24,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import trio
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from contextlib import AbstractAsyncContextManager
 
+    from ipc.errors import ConsumerLostError
     from ipc.ride_through import OutageListener
     from ipc.settings import Settings
 
@@ -58,6 +61,12 @@ class Consumer(abc.ABC):
     @abc.abstractmethod
     async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         """Give the message back (requeue=True: it is delivered again) or drop it."""
+
+    async def wait_lost(self) -> ConsumerLostError:
+        """Return, with the error receive() raises, once the consumer is lost to a broker
+        outage: a consumer busy with what it holds hears of it without calling receive().
+        Never returns for a consumer that cannot be lost (the embedded queue's)."""
+        await trio.sleep_forever()
 
     def __aiter__(self) -> Consumer:
         return self

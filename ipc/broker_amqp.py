@@ -565,6 +565,8 @@ class _AmqpConsumer(Consumer):
         self._failure: str | None = None
         #: The channel closed under it (not cancelled by RabbitMQ, not closed by us).
         self._lost = False
+        #: Set when it is lost and rides through: wait_lost() returns.
+        self._lost_event = trio.Event()
         self._rides_through = rides_through
         self.channel: AbstractChannel | None = None
 
@@ -577,7 +579,13 @@ class _AmqpConsumer(Consumer):
         if self._failure is None:
             self._failure = reason
             self._lost = lost
+            if lost and self._rides_through:
+                self._lost_event.set()
         self._send.close()
+
+    async def wait_lost(self) -> ConsumerLostError:
+        await self._lost_event.wait()
+        return ConsumerLostError(self._failure or "the consumer was lost", unreachable=True)
 
     async def receive(self) -> Delivery:
         # Deliveries still buffered from a failed channel can no longer be acked: skip them.

@@ -16,7 +16,7 @@ from tests.faults.harness import relayed_broker
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from ipc.broker import Broker
+    from ipc.broker import Broker, Consumer
     from ipc.names import Namespace
     from tests.faults.harness import RelayProxy
 
@@ -78,6 +78,8 @@ async def test_a_lost_consumer_says_so_and_a_new_one_gets_its_deliveries_again(
             async with broker.consume(queue, prefetch=1) as consumer:
                 first = await consumer.receive()
                 await amqp_relay.down()
+                # Heard of without a receive() call (a consumer busy with what it holds).
+                assert isinstance(await consumer.wait_lost(), ConsumerLostError)
                 with pytest.raises(ConsumerLostError):
                     await consumer.receive()
                 # Its channel is gone: the ack cannot be sent, and is not an error.
@@ -105,7 +107,15 @@ async def test_without_ride_through_a_lost_consumer_fails_as_unavailable(
                 await amqp_relay.down()
                 with pytest.raises(BrokerUnavailableError) as failed:
                     await consumer.receive()
+                assert not await _heard_lost(consumer)
     assert not isinstance(failed.value, ConsumerLostError)
+
+
+async def _heard_lost(consumer: Consumer) -> bool:
+    with trio.move_on_after(0.2):
+        await consumer.wait_lost()
+        return True
+    return False
 
 
 async def test_a_consumer_rabbitmq_cancelled_is_not_lost(
@@ -121,6 +131,7 @@ async def test_a_consumer_rabbitmq_cancelled_is_not_lost(
                     await rabbitmq.delete_queue(doomed)
                     with pytest.raises(BrokerUnavailableError, match="cancelled") as failed:
                         await consumer.receive()
+                    assert not await _heard_lost(consumer)
         assert not isinstance(failed.value, ConsumerLostError)
     finally:
         await rabbitmq.delete_queue(doomed)
