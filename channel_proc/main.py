@@ -7,6 +7,7 @@ the `broker` status component (channel_proc/broker_status.py).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -180,6 +181,10 @@ async def _run(settings: Settings, channel_id: str, redact: Redactor) -> None:
                     redact.add(url_secrets(destination.raw.get("mo_url")))
                 if routing.home:
                     attach_log_files(settings, routing, redact)
+            # Startup's objects (modules, the channel type, its config) live as long as the
+            # process: out of the collector's sight, a full collection no longer walks them
+            # all, which took 20-35 ms of the event loop each time under load.
+            gc.freeze()
             await run_channel_process(
                 spec,
                 settings=settings,
