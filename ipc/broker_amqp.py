@@ -563,10 +563,9 @@ class _AmqpConsumer(Consumer):
         self._send, self._recv = trio.open_memory_channel[Delivery](prefetch)
         self._unacked: set[int] = set()
         self._failure: str | None = None
-        #: The channel closed under it (not cancelled by RabbitMQ, not closed by us).
-        self._lost = False
-        #: Set when it is lost and rides through: wait_lost() returns.
-        self._lost_event = trio.Event()
+        #: Set when its channel closed under it (not cancelled by RabbitMQ, not closed by us)
+        #: and it rides through outages: it is to be replaced, not to fail the caller.
+        self._lost = trio.Event()
         self._rides_through = rides_through
         self.channel: AbstractChannel | None = None
 
@@ -578,14 +577,16 @@ class _AmqpConsumer(Consumer):
     def fail(self, reason: str, lost: bool = False) -> None:
         if self._failure is None:
             self._failure = reason
-            self._lost = lost
             if lost and self._rides_through:
-                self._lost_event.set()
+                self._lost.set()
         self._send.close()
 
-    async def wait_lost(self) -> ConsumerLostError:
-        await self._lost_event.wait()
+    def _lost_error(self) -> ConsumerLostError:
         return ConsumerLostError(self._failure or "the consumer was lost", unreachable=True)
+
+    async def wait_lost(self) -> ConsumerLostError:
+        await self._lost.wait()
+        return self._lost_error()
 
     async def receive(self) -> Delivery:
         # Deliveries still buffered from a failed channel can no longer be acked: skip them.
@@ -595,10 +596,9 @@ class _AmqpConsumer(Consumer):
                 if self._failure is None:
                     self._unacked.add(delivery.tag)
                     return delivery
-        reason = self._failure or "the consumer is closed"
-        if self._lost and self._rides_through:
-            raise ConsumerLostError(reason, unreachable=True)
-        raise BrokerUnavailableError(reason)
+        if self._lost.is_set():
+            raise self._lost_error()
+        raise BrokerUnavailableError(self._failure or "the consumer is closed")
 
     async def ack(self, delivery: Delivery) -> None:
         await self._settle(delivery, ack=True, requeue=False)
@@ -612,7 +612,7 @@ class _AmqpConsumer(Consumer):
         if delivery.tag not in self._unacked or self.channel is None:
             return
         self._unacked.discard(delivery.tag)
-        if self._lost and self._rides_through:
+        if self._lost.is_set():
             # Its channel is gone, and with it the delivery: RabbitMQ delivers it again.
             log.debug("delivery %d not settled: %s", delivery.tag, self._failure)
             return
