@@ -20,7 +20,7 @@ import trio
 
 from ipc.errors import StoreUnavailableError
 from ipc.group_commit import GroupCommit
-from ipc.sqlite_inline import Attempt, InlineRunner, retry_busy, transaction
+from ipc.sqlite_inline import Attempt, Checkpointer, InlineRunner, retry_busy, transaction
 from ipc.state import (
     JsonObject,
     KvEntry,
@@ -111,6 +111,8 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
         # NORMAL: in WAL mode a process crash (our failure model) loses nothing; only an OS
         # crash can drop the last commits, and FULL would fsync every hot-path write.
         conn.execute("PRAGMA synchronous=NORMAL")
+        # Checkpoints run in the background (ipc.sqlite_inline.Checkpointer), not in a COMMIT.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA foreign_keys=ON")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version < SCHEMA_VERSION:
@@ -146,6 +148,7 @@ class SqliteStateStore(StateStore):
         self._busy_timeout = busy_timeout
         # Calls that need not wait for a lock run on trio's thread (ipc/sqlite_inline.py).
         self._inline = inline
+        self._checkpointer = inline.checkpointer if inline is not None else None
         self._path = path
         self._ns = namespace.prefix
         # One thread at a time touches the connection.
@@ -170,7 +173,12 @@ class SqliteStateStore(StateStore):
             raise StoreUnavailableError(f"cannot open {path}: {exc}") from exc
         try:
             inline = await trio.to_thread.run_sync(
-                functools.partial(InlineRunner.connect, path, pragmas=("foreign_keys=ON",))
+                functools.partial(
+                    InlineRunner.connect,
+                    path,
+                    pragmas=("foreign_keys=ON",),
+                    checkpointer=Checkpointer(path),
+                )
             )
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -238,6 +246,8 @@ class SqliteStateStore(StateStore):
                 return cast("T", attempt.result)
         with trio.CancelScope(shield=True):
             result = await self._run(functools.partial(self._transaction, fn, True))
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
         return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -647,6 +657,8 @@ class SqliteStateStore(StateStore):
         self._closed = True
         if self._inline is not None:
             self._inline.close()
+        if self._checkpointer is not None:
+            await self._checkpointer.aclose()
         # Waits for a call still running in its thread, so the close never races it.
         async with self._limiter:
             self._conn.close()

@@ -1,7 +1,7 @@
 """ipc/sqlite_inline.py: inline transactions give way to a lock held elsewhere, never
-checkpoint, hand every COMMITS_PER_CHECKPOINT-th write to the threaded path, roll back on
-errors; and the embedded broker still settles, claims and counts (threaded) while another
-connection holds the write lock."""
+checkpoint, roll back on errors; the Checkpointer copies the log into the database in the
+background every COMMITS_PER_CHECKPOINT commits while writes go on; and the embedded broker
+still settles, claims and counts (threaded) while another connection holds the write lock."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from ipc.broker_sqlite import SqliteBroker
-from ipc.sqlite_inline import COMMITS_PER_CHECKPOINT, InlineRunner
+from ipc.sqlite_inline import COMMITS_PER_CHECKPOINT, Checkpointer, InlineRunner
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -80,20 +80,64 @@ def test_inline_error_rolls_back_and_propagates(db: Path) -> None:
         runner.close()
 
 
-def test_inline_never_checkpoints_and_hands_one_write_in_n_to_the_thread(db: Path) -> None:
+def _checkpoint_now(db: Path) -> tuple[int, int]:
+    """Checkpoint from another connection: (frames in the log, frames it found copied)."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as other:
+        _, log_frames, copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(log_frames), int(copied)
+
+
+def test_inline_never_checkpoints(db: Path) -> None:
     runner = InlineRunner.connect(db)
     try:
         done = [runner.run(_insert, write=True).done for _ in range(2 * COMMITS_PER_CHECKPOINT)]
-        assert done.count(False) == 1
-        assert done.index(False) == COMMITS_PER_CHECKPOINT
-        assert runner.run(_count, write=False).result == 2 * COMMITS_PER_CHECKPOINT - 1
+        assert all(done)
+        assert runner.run(_count, write=False).result == 2 * COMMITS_PER_CHECKPOINT
         # Every inline commit is still in the WAL: a checkpoint now finds them all to copy.
-        with closing(sqlite3.connect(db, isolation_level=None)) as other:
-            _, wal_frames, copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        wal_frames, copied = _checkpoint_now(db)
         assert wal_frames > COMMITS_PER_CHECKPOINT
         assert copied == wal_frames
     finally:
         runner.close()
+
+
+async def test_checkpointer_copies_the_log_in_the_background_every_n_commits(db: Path) -> None:
+    every = 20
+    checkpointer = Checkpointer(db, every=every)
+    runner = InlineRunner.connect(db, checkpointer=checkpointer)
+    try:
+        for _ in range(every - 1):
+            assert runner.run(_insert, write=True).done
+        await trio.sleep(0.05)
+        assert checkpointer.done == 0
+        # The due commit returns at once; the checkpoint runs in a worker thread.
+        assert runner.run(_insert, write=True).done
+        with trio.fail_after(5):
+            await checkpointer.wait_idle()
+        assert checkpointer.done == 1
+        # The log was copied whole, so the next commit starts it over: it holds only that
+        # commit, where without the checkpoint it would hold all of them.
+        assert runner.run(_insert, write=True).done
+        wal_frames, _ = _checkpoint_now(db)
+        assert wal_frames < every
+        assert runner.run(_count, write=False).result == every + 1
+    finally:
+        runner.close()
+        await checkpointer.aclose()
+
+
+async def test_checkpointer_survives_a_checkpoint_that_cannot_run(tmp_path: Path) -> None:
+    """A checkpoint failing (here: the file is not a database) is skipped, not raised into
+    the writers or the run; closing still works and starts no more."""
+    path = tmp_path / "not-a-database"
+    path.write_bytes(b"garbage" * 100)
+    checkpointer = Checkpointer(path, every=1)
+    checkpointer.committed()
+    with trio.fail_after(5):
+        await checkpointer.aclose()
+    assert checkpointer.done == 0
+    checkpointer.committed()
+    assert checkpointer.done == 0
 
 
 def test_closed_inline_runner_does_nothing(db: Path) -> None:
