@@ -6,6 +6,7 @@ still settles, claims and counts (threaded) while another connection holds the w
 from __future__ import annotations
 
 import sqlite3
+import struct
 from contextlib import closing
 from typing import TYPE_CHECKING
 
@@ -13,9 +14,12 @@ import pytest
 import trio
 
 from ipc.broker_sqlite import SqliteBroker
+from ipc.names import Namespace
 from ipc.sqlite_inline import COMMITS_PER_CHECKPOINT, Checkpointer, InlineRunner
+from ipc.state_sqlite import SqliteStateStore
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
 
@@ -138,6 +142,45 @@ async def test_checkpointer_survives_a_checkpoint_that_cannot_run(tmp_path: Path
     assert checkpointer.done == 0
     checkpointer.committed()
     assert checkpointer.done == 0
+
+
+def _backfilled(db: Path) -> int:
+    """Frames of the log already copied into the database (nBackfill), read from the
+    wal-index (the -shm file: https://sqlite.org/walformat.html, 4 bytes at offset 96, native
+    byte order) rather than asked of SQLite, which would checkpoint to answer."""
+    header = (db.parent / f"{db.name}-shm").read_bytes()[:100]
+    return int(struct.unpack_from("=I", header, 96)[0])
+
+
+@pytest.mark.parametrize("store", ["state", "queue"])
+async def test_each_embedded_store_checkpoints(tmp_path: Path, store: str) -> None:
+    """No connection checkpoints by itself any more: the state store and the queue each have
+    their Checkpointer told of their commits, or their log would grow without end."""
+    path = tmp_path / f"{store}.sqlite3"
+    write: Callable[[int], Awaitable[None]]
+    if store == "state":
+        state = await SqliteStateStore.open(path, Namespace("test"))
+        close = state.aclose
+
+        async def write(n: int) -> None:
+            await state.kv_put("scope", f"key{n}", {"n": n})
+    else:
+        broker = await SqliteBroker.open(path, doorbells=False)
+        close = broker.aclose
+
+        async def write(n: int) -> None:
+            await broker.publish("q", b"%d" % n)
+
+    try:
+        for n in range(COMMITS_PER_CHECKPOINT + 5):
+            await write(n)
+        for _ in range(100):
+            if _backfilled(path) > 0:
+                break
+            await trio.sleep(0.05)
+        assert _backfilled(path) > 0
+    finally:
+        await close()
 
 
 def test_closed_inline_runner_does_nothing(db: Path) -> None:
