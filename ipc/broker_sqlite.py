@@ -481,24 +481,19 @@ class SqliteBroker(Broker):
         and a channel's own inbound rate was higher so (MO queued 1,300-1,500/s against
         1,000-1,080/s inline).
         """
-        wal_fd = self._wal_fd
-        if wal_fd is None or self._linger <= 0:
-            return False
-        try:
-            attempt = self._try_inline(lambda conn: _execute(conn, batch), write=True)
-        except BrokerUnavailableError as exc:
-            # Rolled back: the batch fails as it would on the threaded path.
-            _finish(batch, cast("sqlite3.Error", exc.__cause__))
-            return True
-        if not attempt.done:
+        wal_fd, inline = self._wal_fd, self._inline
+        if wal_fd is None or inline is None or self._linger <= 0:
             return False
         error: sqlite3.Error | None = None
-        if any(op.durable for op in batch):
-            try:
-                await trio.to_thread.run_sync(os.fdatasync, wal_fd)
-            except OSError as exc:
-                # Committed but not known durable: see _commit.
-                error = sqlite3.OperationalError(f"syncing the write-ahead log failed: {exc}")
+        try:
+            attempt = inline.run(lambda conn: _execute(conn, batch), write=True)
+            if not attempt.done:
+                return False
+            if any(op.durable for op in batch):
+                await trio.to_thread.run_sync(_sync_log, wal_fd)
+        except sqlite3.Error as exc:
+            # Rolled back, or committed but not known durable: as on the threaded path.
+            error = exc
         _finish(batch, error)
         return True
 
@@ -659,19 +654,22 @@ def _commit(conn: sqlite3.Connection, batch: list[_Write], wal_fd: int | None = 
             raise
         if sync_after:
             assert wal_fd is not None
-            try:
-                os.fdatasync(wal_fd)
-            except OSError as exc:
-                # Committed but not known durable: failing the publish makes its sender try
-                # again (a possible duplicate, never a loss).
-                raise sqlite3.OperationalError(
-                    f"syncing the write-ahead log failed: {exc}"
-                ) from exc
+            _sync_log(wal_fd)
         error = None
     except sqlite3.Error as exc:
         error = exc
     finally:
         _finish(batch, error)
+
+
+def _sync_log(wal_fd: int) -> None:
+    """Sync the write-ahead log after a durable COMMIT (blocking: a worker thread's job)."""
+    try:
+        os.fdatasync(wal_fd)
+    except OSError as exc:
+        # Committed but not known durable: failing the publish makes its sender try again
+        # (a possible duplicate, never a loss).
+        raise sqlite3.OperationalError(f"syncing the write-ahead log failed: {exc}") from exc
 
 
 def _execute(conn: sqlite3.Connection, batch: list[_Write]) -> None:

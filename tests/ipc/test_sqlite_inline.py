@@ -1,7 +1,8 @@
 """ipc/sqlite_inline.py: inline transactions give way to a lock held elsewhere, never
 checkpoint, roll back on errors; the Checkpointer copies the log into the database in the
-background every COMMITS_PER_CHECKPOINT commits while writes go on; and the embedded broker
-still settles, claims and counts (threaded) while another connection holds the write lock."""
+background every COMMITS_PER_CHECKPOINT commits, and both embedded stores have one; and the
+embedded broker still settles, claims and counts (threaded) while another connection holds
+the write lock."""
 
 from __future__ import annotations
 
