@@ -2,7 +2,8 @@
 
 Two implementations sit behind it: RabbitMQ (ipc/broker_amqp.py, the only
 aiormq importer, with its asyncio bridge) and the embedded SQLite queue
-(ipc/broker_sqlite.py). Both must pass the same tests (tests/ipc/test_broker.py).
+(ipc/broker_embedded.py, a file per queue owner, each an ipc/broker_sqlite.py).
+Both must pass the same tests (tests/ipc/test_broker.py).
 
 Semantics both give: a message is durable once `publish` returns; a consumer
 gets each message at least once; a message is removed only by `ack`; anything
@@ -128,9 +129,11 @@ async def open_broker(
             settings.amqp, ride_through=ride_through, on_outage=on_outage
         )
     else:
-        from ipc.broker_sqlite import SqliteBroker
+        from ipc.broker_embedded import EmbeddedBroker
 
-        broker = await SqliteBroker.open(settings.data_dir / "queues.sqlite3")
+        broker = await EmbeddedBroker.open(
+            settings.data_dir / "queues", legacy=settings.data_dir / "queues.sqlite3"
+        )
     try:
         yield broker
     finally:

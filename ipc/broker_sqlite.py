@@ -1,4 +1,5 @@
-"""The embedded Broker: durable queues in one SQLite file (WAL), shared by every local process.
+"""Durable queues in one SQLite file (WAL), shared by every local process: the embedded
+Broker keeps one per queue owner (ipc/broker_embedded.py).
 
 API workers publish, a channel process consumes. A message is a row; a consumer claims rows,
 `ack` deletes them, and rows claimed by a consumer that went away (kill -9 included) come back.
@@ -361,15 +362,21 @@ class SqliteBroker(Broker):
         looks at its queue after `poll_min` seconds, doubling up to `poll_max` while idle
         (up to DOORBELL_POLL_MAX, if more, when it has a doorbell).
         """
+        # Processes often open a new file together (the API's first publish to a channel and
+        # the channel's consumer): setting up WAL mode can then answer "locked" at once.
         try:
-            conn = await trio.to_thread.run_sync(_connect, path)
+            conn = await trio.to_thread.run_sync(
+                retry_busy, functools.partial(_connect, path), BUSY_TIMEOUT
+            )
         except (OSError, sqlite3.Error) as exc:
             raise BrokerUnavailableError(
                 f"cannot open the embedded queue at {path}: {exc}"
             ) from exc
         try:
             inline = await trio.to_thread.run_sync(
-                functools.partial(InlineRunner.connect, path, checkpointer=Checkpointer(path))
+                retry_busy,
+                functools.partial(InlineRunner.connect, path, checkpointer=Checkpointer(path)),
+                BUSY_TIMEOUT,
             )
         except (OSError, sqlite3.Error) as exc:
             conn.close()
@@ -565,6 +572,17 @@ class SqliteBroker(Broker):
             conn.execute("DELETE FROM queues WHERE name = ?", (queue,))
 
         await self._write(delete)
+
+    async def is_empty(self) -> bool:
+        """No queue declared and no message kept (consumers are not counted)."""
+
+        def empty(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT NOT EXISTS (SELECT 1 FROM queues) AND NOT EXISTS (SELECT 1 FROM messages)"
+            ).fetchone()
+            return bool(row[0])
+
+        return await self._read(empty)
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())

@@ -84,7 +84,7 @@ def describe_backend(settings: Settings) -> list[str]:
         prefix = f", key prefix {r.key_prefix!r}" if r.key_prefix else ""
         lines.append(f"state: Redis at {r.host}:{r.port} db {r.db}{prefix}")
     if settings.amqp is None:
-        lines.append(f"queues: embedded queue in {settings.data_dir}")
+        lines.append(f"queues: embedded, one file per channel in {settings.data_dir / 'queues'}")
     else:
         a = settings.amqp
         lines.append(f"queues: RabbitMQ at {a.hostname}:{a.port} vhost {a.vhost!r} as {a.username}")

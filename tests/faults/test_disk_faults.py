@@ -49,7 +49,6 @@ RATE: Final = 10.0
 TMPFS_SIZE: Final = "64m"
 #: Every refused request must be answered within this (SQLite's busy timeout is 5 s).
 BOUND: Final = 8.0
-DATABASES: Final = ("state.sqlite3", "queues.sqlite3")
 #: How long each fault lasts once the API refuses sends: long enough for the channel
 #: process to hit it too.
 HOLD: Final = 3.0
@@ -265,9 +264,10 @@ async def test_embedded_files_read_only_then_writable(
         cid = await create_smpp_channel(gateway, smsc, hook)
         await wait_smpp_bound(gateway, cid)
         acknowledged: list[str] = []
-        files = [
-            embedded_settings.data_dir / name for db in DATABASES for name in (db, f"{db}-wal")
-        ]
+        # The state file and every queue file there is by now (one per queue owner).
+        data_dir = embedded_settings.data_dir
+        databases = [data_dir / "state.sqlite3", *sorted((data_dir / "queues").glob("*.sqlite3"))]
+        files = [db.with_name(name) for db in databases for name in (db.name, f"{db.name}-wal")]
         async with open_sender(gateway, cid, hook, "m") as sender:
             stop = trio.Event()
             async with trio.open_nursery() as nursery:

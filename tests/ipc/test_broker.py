@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from ipc.broker import MAX_PRIORITY, Broker, open_broker
+from ipc.broker_embedded import DEFAULT_OWNER, owner_file, queue_owner
 from ipc.errors import BrokerUnavailableError
 from ipc.settings import SETTINGS_ENV
 
@@ -370,7 +371,7 @@ async def test_broker_unavailable_when_backend_unreachable(
 async def test_sqlite_broker_unavailable_on_unusable_file(
     embedded_settings: Settings, kind: str
 ) -> None:
-    path = embedded_settings.data_dir / "queues.sqlite3"
+    path = owner_file(embedded_settings.data_dir / "queues", DEFAULT_OWNER)
     if kind == "directory":
         path.mkdir(parents=True)
     else:
@@ -522,7 +523,7 @@ async def test_sqlite_durable_publish_syncs_the_log_outside_the_write_lock(
     (synchronous=FULL) kept from every other publisher for milliseconds."""
     import sqlite3
 
-    path = embedded_settings.data_dir / "queues.sqlite3"
+    path = owner_file(embedded_settings.data_dir / "queues", queue_owner("durable"))
     synced: list[tuple[bool, bool]] = []
     real_sync = os.fdatasync
 
@@ -563,7 +564,7 @@ async def test_sqlite_write_behind_another_writer_retries_in_short_steps(
 
     async with open_broker(embedded_settings) as broker:
         await broker.declare_queue("contended")
-        path = embedded_settings.data_dir / "queues.sqlite3"
+        path = owner_file(embedded_settings.data_dir / "queues", queue_owner("contended"))
         with lock_held_for_tries(path, 8, monkeypatch) as delays, trio.fail_after(10):
             await broker.publish("contended", b"after the wait")
         assert len(delays) == 8
