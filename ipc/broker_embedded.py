@@ -149,7 +149,10 @@ class EmbeddedBroker(Broker):
         await trio.to_thread.run_sync(_remove_files, owner_file(self._directory, owner))
 
     async def ping(self) -> None:
-        await self._shards[DEFAULT_OWNER].ping()
+        default = self._shards.get(DEFAULT_OWNER)
+        if default is None:
+            raise BrokerUnavailableError("the embedded queue is closed")
+        await default.ping()
 
     def set_write_linger(self, seconds: float) -> None:
         self._linger = seconds

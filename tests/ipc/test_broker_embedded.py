@@ -161,11 +161,13 @@ async def test_deleting_an_owners_last_queue_removes_its_file(
     assert await broker.queue_length("gone.outbound") == 1
 
 
-async def test_closed_broker_refuses_a_new_owner(directory: Path) -> None:
+async def test_closed_broker_refuses_a_new_owner_and_a_ping(directory: Path) -> None:
     broker = await EmbeddedBroker.open(directory)
     await broker.aclose()
     with pytest.raises(BrokerUnavailableError):
         await broker.publish("new.outbound", b"x")
+    with pytest.raises(BrokerUnavailableError):
+        await broker.ping()
 
 
 # --- the single-file layout ----------------------------------------------------------------
