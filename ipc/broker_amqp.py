@@ -427,11 +427,16 @@ class AmqpBroker(Broker):
     ) -> T:
         """Run `coro` as a task on the loop thread and wait for it without blocking trio.
 
-        Cancellation: cancels the asyncio task; the operation may still have taken effect
-        (a cancelled publish may arrive). If it completed anyway, `undo(result)` runs on the
-        loop so that nothing is left without an owner. Both decisions are made on the loop
-        thread, so a task finishing just as trio gives up cannot slip between them. Running
-        past `operation_timeout` is handled the same way, then raises BrokerUnavailableError.
+        Cancellation by the caller leaves the asyncio task running: aiormq answers a
+        cancelled RPC by closing its channel, and that close races the broker's own closes
+        (a failed passive declare) and the reuse of the channel number, which RabbitMQ
+        punishes by dropping the whole connection ("second 'channel.open' seen", "expected
+        'channel.open'") and every consumer on it. So a cancelled publish still arrives.
+        Running past `operation_timeout` does cancel the task (the broker is not answering;
+        waiting on would pile tasks up), then raises BrokerUnavailableError. Either way, if
+        the task completes after trio gave up, `undo(result)` runs on the loop so that
+        nothing is left without an owner. Both decisions are made on the loop thread, so a
+        task finishing just as trio gives up cannot slip between them.
         """
         if self._closed:
             coro.close()
@@ -457,13 +462,13 @@ class AmqpBroker(Broker):
             task.add_done_callback(finished)
             started.append(task)
 
-        def abandon() -> None:
+        def abandon(timed_out: bool) -> None:
             nonlocal abandoned
             abandoned = True
             task = started[0]
             if task.done():
                 undo_if_completed(task)
-            else:
+            elif timed_out:
                 task.cancel()
 
         loop.call_soon_threadsafe(start)
@@ -472,7 +477,7 @@ class AmqpBroker(Broker):
                 await done.wait()
             except trio.Cancelled:
                 if not loop.is_closed():
-                    loop.call_soon_threadsafe(abandon)
+                    loop.call_soon_threadsafe(abandon, waiting.cancel_called)
                 raise
         if waiting.cancelled_caught:
             raise BrokerUnavailableError(

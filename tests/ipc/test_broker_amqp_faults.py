@@ -3,6 +3,7 @@ operations down with it, and a broker that stops answering fails calls in bounde
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import pytest
@@ -70,4 +71,37 @@ async def test_amqp_calls_fail_in_bounded_time_when_rabbitmq_stops_answering(
                 await broker.ping()
         finally:
             amqp_relay.resume()
+            await broker.delete_queue(queue)
+
+
+async def test_amqp_channels_closed_by_rabbitmq_do_not_break_channels_opened_meanwhile(
+    redis_settings: Settings, namespace: Namespace
+) -> None:
+    """RabbitMQ closes the channel of every passive declare of a missing queue; consumers
+    opening and closing their own channels at the same moment must not be handed a number the
+    broker still counts as open (it would drop the whole connection: "second 'channel.open'
+    seen", seen in the poison-message test under CI load)."""
+    queue = namespace.queue("consumed")
+    missing = namespace.queue("missing")
+    async with open_broker(redis_settings) as broker:
+        await broker.declare_queue(queue)
+
+        async def lengths() -> None:
+            for n in range(600):
+                # Some cut short mid-call: aiormq closes the channel of a cancelled call too.
+                with trio.move_on_after(0.0005 * (n % 7)) if n % 2 else nullcontext():
+                    assert await broker.queue_length(missing if n % 3 else queue) == 0
+
+        async def consumers() -> None:
+            for _ in range(300):
+                async with broker.consume(queue, prefetch=1):
+                    pass
+
+        try:
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lengths)
+                    nursery.start_soon(consumers)
+                    nursery.start_soon(consumers)
+        finally:
             await broker.delete_queue(queue)
