@@ -61,7 +61,6 @@ class EmbeddedBroker(Broker):
         self._shards: dict[str, SqliteBroker] = {DEFAULT_OWNER: default}
         self._opening = trio.Lock()
         self._linger = 0.0
-        self._closed = False
 
     @classmethod
     async def open(cls, directory: Path, *, legacy: Path | None = None) -> EmbeddedBroker:
@@ -75,6 +74,11 @@ class EmbeddedBroker(Broker):
                 await broker.aclose()
                 raise
         return broker
+
+    @property
+    def _closed(self) -> bool:
+        # The `_` file's broker is opened with this one and dropped only by aclose.
+        return DEFAULT_OWNER not in self._shards
 
     def path_for(self, queue: str) -> Path:
         """The file holding `queue`."""
@@ -149,10 +153,9 @@ class EmbeddedBroker(Broker):
         await trio.to_thread.run_sync(_remove_files, owner_file(self._directory, owner))
 
     async def ping(self) -> None:
-        default = self._shards.get(DEFAULT_OWNER)
-        if default is None:
+        if self._closed:
             raise BrokerUnavailableError("the embedded queue is closed")
-        await default.ping()
+        await self._shards[DEFAULT_OWNER].ping()
 
     def set_write_linger(self, seconds: float) -> None:
         self._linger = seconds
@@ -161,7 +164,6 @@ class EmbeddedBroker(Broker):
 
     async def aclose(self) -> None:
         async with self._opening:
-            self._closed = True
             shards, self._shards = list(self._shards.values()), {}
         for shard in shards:
             await shard.aclose()
