@@ -22,11 +22,17 @@ Phase C: once A has drained, its events are forwarded and the gateway is quiet a
 alone again. Consecutive alone windows differ by themselves (control runs with
 `--flood 1 --a-mode held` gave up to 1.14x on p50), so B under the flood is compared with
 the mean of its alone windows before and after.
+
+`--pin-flooded` confines A's channel process and A's simulator to the last CPU from before
+B's first window, everything else still running on any: under the flood B then always has
+the other CPUs free of A, so what it still loses comes mostly from what the channels share
+besides a core (the store and queue files, the disk, the supervisor, the API worker).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -332,6 +338,23 @@ class Rig:
         return steady, flood
 
 
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of `pids` to `cpus` (the affinity call moves one thread at a time;
+    threads started later inherit it)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for thread in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(thread.name), cpus)
+
+
+def pin_flooded(channel_a: str, sim_a: SimulatorProcess) -> str:
+    """See the module docstring; returns what went where."""
+    last = (os.cpu_count() or 1) - 1
+    pin([*channel_pids(channel_a), sim_a.pid], {last})
+    return f"A's channel process and simulator on CPU {last} only, the rest on any"
+
+
 def within(alone: float, loaded: float, *, higher_is_better: bool) -> bool:
     if higher_is_better:
         return loaded >= alone * (1 - TOLERANCE)
@@ -433,6 +456,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     f"({'draining' if args.a_mode == 'drain' else 'held, paused'}), "
                     "then alone again"
                 )
+                pinned = None
+                if args.pin_flooded:
+                    pinned = pin_flooded(channel_a, sim_a)
+                    print(f"pinned: {pinned}")
                 await SteadySender(client, target, "warm").run(WARMUP, 1.0)
                 before = await rig.steady_phase()
                 loaded, flood = await rig.flood_phase()
@@ -453,6 +480,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "flood": args.flood,
         "flood_via": args.flood_via,
         "a_mode": args.a_mode,
+        "pinned": pinned,
         "steady_rate": args.steady_rate,
         "seconds": args.seconds,
         "window": args.window,
@@ -484,8 +512,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steady-rate", type=float, default=50.0, help="B's messages/s")
     parser.add_argument("--seconds", type=float, default=30.0, help="each phase's window")
     parser.add_argument("--window", type=int, default=10, help="submit_sm in flight")
+    parser.add_argument(
+        "--pin-flooded",
+        action="store_true",
+        help="confine A's channel process and simulator to the last CPU",
+    )
     add_service_args(parser, timeout=600.0)
     args = parser.parse_args(argv)
+    if args.pin_flooded and (os.cpu_count() or 1) < 2:
+        parser.error("--pin-flooded needs at least 2 CPUs")
     check_ranges(
         parser,
         args,
