@@ -77,10 +77,11 @@ async def test_amqp_calls_fail_in_bounded_time_when_rabbitmq_stops_answering(
 async def test_amqp_channels_closed_by_rabbitmq_do_not_break_channels_opened_meanwhile(
     redis_settings: Settings, namespace: Namespace
 ) -> None:
-    """RabbitMQ closes the channel of every passive declare of a missing queue; consumers
-    opening and closing their own channels at the same moment must not be handed a number the
-    broker still counts as open (it would drop the whole connection: "second 'channel.open'
-    seen", seen in the poison-message test under CI load)."""
+    """RabbitMQ closes the channel of every passive declare of a missing queue, while
+    consumers open and close their own channels and some calls are cut short by their
+    callers. Cutting a call short must not make aiormq close its channel as well: those closes
+    race RabbitMQ's and the reuse of channel numbers, and RabbitMQ then drops the whole
+    connection ("second 'channel.open' seen", seen in the poison-message test under CI load)."""
     queue = namespace.queue("consumed")
     missing = namespace.queue("missing")
     async with open_broker(redis_settings) as broker:
@@ -88,7 +89,7 @@ async def test_amqp_channels_closed_by_rabbitmq_do_not_break_channels_opened_mea
 
         async def lengths() -> None:
             for n in range(600):
-                # Some cut short mid-call: aiormq closes the channel of a cancelled call too.
+                # Some cut short mid-call by their caller.
                 with trio.move_on_after(0.0005 * (n % 7)) if n % 2 else nullcontext():
                     assert await broker.queue_length(missing if n % 3 else queue) == 0
 
