@@ -53,13 +53,15 @@ log = logging.getLogger(__name__)
 #: Seconds a write waits for another process's write lock before BrokerUnavailableError.
 BUSY_TIMEOUT: Final = 5.0
 #: SQLite has no cross-process change notification. Publishers ring the consumers' doorbells
-#: (below); a waiting consumer also polls, quickly after traffic, backing off to POLL_MAX when
-#: idle, which bounds the delay when a ring is lost (or doorbells are unavailable).
+#: (below). A consumer without one (doorbells unavailable) polls, quickly after traffic,
+#: backing off to POLL_MAX when idle.
 POLL_MIN: Final = 0.005
 POLL_MAX: Final = 0.1
-#: The idle poll of a consumer with a doorbell, which only a lost ring waits for (every
-#: publish and release rings); polling 10 times a second per consumer would cost a gateway of
-#: 50 idle channels most of a core.
+#: The poll of a consumer with a doorbell, which only a lost ring waits for (every publish
+#: and release rings), so it keeps this pace even right after traffic: polling 10 times a
+#: second per consumer would cost a gateway of 50 idle channels most of a core, and polling
+#: quickly after each delivery (with the empty claim, see _claim) cost a channel sending
+#: 50 messages a second a sixth of its CPU.
 DOORBELL_POLL_MAX: Final = 1.0
 #: Doorbells are Unix datagram sockets in Linux's abstract namespace: no path-length limit,
 #: nothing left on disk by a killed process, and a missing one refuses at once.
@@ -358,9 +360,10 @@ class SqliteBroker(Broker):
     ) -> SqliteBroker:
         """Open (creating it if needed) the queue file.
 
-        doorbells=False leaves cross-process wake-ups to polling alone. A waiting consumer
-        looks at its queue after `poll_min` seconds, doubling up to `poll_max` while idle
-        (up to DOORBELL_POLL_MAX, if more, when it has a doorbell).
+        doorbells=False leaves cross-process wake-ups to polling alone (and its publishes
+        ring nobody). A waiting consumer without a doorbell looks at its queue after
+        `poll_min` seconds, doubling up to `poll_max` while idle; one with a doorbell every
+        max(`poll_max`, DOORBELL_POLL_MAX) seconds.
         """
         # Processes often open a new file together (the API's first publish to a channel and
         # the channel's consumer): setting up WAL mode can then answer "locked" at once.
@@ -722,10 +725,12 @@ class _SqliteConsumer(Consumer):
         self._claiming = trio.Lock()
         self._settled = trio.Event()
         self._next_heartbeat = trio.current_time() + HEARTBEAT_INTERVAL
+        #: The arrivals generation of a claim that took every ready row (doorbell only).
+        self._emptied_at: int | None = None
         self.closed = False
 
     async def receive(self) -> Delivery:
-        interval = self._broker.poll_min
+        interval = self._first_wait()
         polled = False
         while True:
             if self.closed:
@@ -738,21 +743,30 @@ class _SqliteConsumer(Consumer):
                 with trio.move_on_after(HEARTBEAT_INTERVAL):
                     await settled.wait()
                 continue
-            seen = self._broker._arrivals.generation(self._queue)
-            if self._doorbell is not None:
-                # Before the claim: a ring for a publish the claim misses stays unread.
-                self._doorbell.drain()
-            if await self._claim(check_first=polled):
-                interval, polled = self._broker.poll_min, False
-                continue
+            if self._emptied_at is not None:
+                # The last claim left no ready row: anything since rang or moved `seen`.
+                seen, self._emptied_at = self._emptied_at, None
+            else:
+                seen = self._broker._arrivals.generation(self._queue)
+                if self._doorbell is not None:
+                    # Before the claim: a ring for a publish the claim misses stays unread.
+                    self._doorbell.drain()
+                if await self._claim(check_first=polled, seen=seen):
+                    interval, polled = self._first_wait(), False
+                    continue
             polled = not await self._wait_for_arrival(seen, interval)
             interval = self._next_interval(interval, polled=polled)
+
+    def _first_wait(self) -> float:
+        """How long an empty queue is left before the first poll (see DOORBELL_POLL_MAX)."""
+        broker = self._broker
+        return broker.poll_min if self._doorbell is None else broker.doorbell_poll_max
 
     def _next_interval(self, interval: float, *, polled: bool) -> float:
         """Back off while polling finds nothing; start over once woken."""
         broker = self._broker
         if not polled:
-            return broker.poll_min
+            return self._first_wait()
         cap = broker.poll_max if self._doorbell is None else broker.doorbell_poll_max
         return min(interval * 2, cap)
 
@@ -781,7 +795,9 @@ class _SqliteConsumer(Consumer):
             return True
         return arrivals.generation(self._queue) != seen
 
-    async def _claim(self, *, check_first: bool) -> bool:
+    async def _claim(self, *, check_first: bool, seen: int) -> bool:
+        """Claim ready rows into the buffer; False when there were none. `seen`: the arrivals
+        generation read before it (and before the doorbell was drained)."""
         async with self._claiming:
             room = self._prefetch - len(self._unacked)
             if room <= 0 or self._buffer:
@@ -800,6 +816,11 @@ class _SqliteConsumer(Consumer):
                 )
             self._unacked.update(d.tag for d in claimed)
             self._buffer.extend(claimed)
+            if claimed and len(claimed) < room and self._doorbell is not None:
+                # Once the buffer is used up, wait for a ring rather than claim again at once:
+                # an empty claim takes the queue file's write lock, once per message
+                # for a consumer that keeps up with its queue.
+                self._emptied_at = seen
             return bool(claimed)
 
     async def _heartbeat_if_due(self) -> None:

@@ -8,12 +8,13 @@ import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 
-from ipc.broker import Delivery
+from ipc import broker_sqlite
+from ipc.broker import Consumer, Delivery
 from ipc.broker_sqlite import DOORBELLS_AVAILABLE, SqliteBroker
 
 if TYPE_CHECKING:
@@ -154,6 +155,113 @@ async def test_a_publish_from_another_process_rings(path: Path, nursery: trio.Nu
             assert (await got.receive()).body == b"from afar"
     finally:
         await consumer_broker.aclose()
+
+
+@pytest.fixture
+def claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many rows each claim statement took, in order (0: an empty claim)."""
+    taken: list[int] = []
+    claim = broker_sqlite._claim
+
+    def counting(*args: Any, **kwargs: Any) -> list[Delivery]:
+        rows = claim(*args, **kwargs)
+        taken.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(broker_sqlite, "_claim", counting)
+    return taken
+
+
+@pytest.mark.parametrize("publish_from", ["another broker", "the consumer's broker"])
+async def test_a_consumer_that_emptied_its_queue_waits_for_a_ring_not_a_claim(
+    path: Path, publisher: SqliteBroker, claims: list[int], publish_from: str
+) -> None:
+    """Once a claim has taken every ready row, the next receive() does not claim again at
+    once (an empty claim takes the write lock every process shares) and does not poll soon
+    (this consumer's polls are a minute apart): the next publish wakes it, including one
+    made between the two receive() calls, before it waits."""
+    consumer_broker = await open_slow_poller(path)
+    source = publisher if publish_from == "another broker" else consumer_broker
+    try:
+        await publisher.publish("q", b"first")
+        async with consumer_broker.consume("q", prefetch=4) as consumer:
+            assert (await consumer.receive()).body == b"first"
+            assert claims == [1]
+            await source.publish("q", b"meanwhile")
+            with trio.fail_after(5):
+                assert (await consumer.receive()).body == b"meanwhile"
+            assert claims == [1, 1]
+            async with trio.open_nursery() as nursery:
+                got = await receive_from(consumer, nursery)
+                await wait_until_idle(consumer_broker, "q")
+                assert claims == [1, 1]
+                await source.publish("q", b"later")
+                with trio.fail_after(5):
+                    assert (await got.receive()).body == b"later"
+            assert claims == [1, 1, 1]
+    finally:
+        await consumer_broker.aclose()
+
+
+async def test_a_consumer_that_took_a_full_batch_claims_again_at_once(
+    path: Path, publisher: SqliteBroker, claims: list[int]
+) -> None:
+    """The control: a claim that filled the prefetch may have left rows behind, so once
+    those deliveries are settled the consumer claims again without waiting for a ring."""
+    consumer_broker = await open_slow_poller(path)
+    try:
+        for body in (b"1", b"2", b"3"):
+            await publisher.publish("q", body)
+        async with consumer_broker.consume("q", prefetch=2) as consumer:
+            received = []
+            with trio.fail_after(5):
+                for _ in range(3):
+                    delivery = await consumer.receive()
+                    received.append(delivery.body)
+                    await consumer.ack(delivery)
+            assert received == [b"1", b"2", b"3"]
+            assert claims == [2, 1]
+    finally:
+        await consumer_broker.aclose()
+
+
+@pytest.mark.parametrize("doorbells", [True, False])
+async def test_only_a_consumer_without_a_doorbell_polls_soon_after_a_delivery(
+    path: Path, publisher: SqliteBroker, monkeypatch: pytest.MonkeyPatch, doorbells: bool
+) -> None:
+    """With a doorbell every publish rings, so the polls meant for a lost ring keep the idle
+    pace (DOORBELL_POLL_MAX) from the start; without one, polls come quickly after traffic."""
+    polls = 0
+    has_ready = broker_sqlite._has_ready
+
+    def counting(*args: Any, **kwargs: Any) -> bool:
+        nonlocal polls
+        polls += 1
+        return has_ready(*args, **kwargs)
+
+    monkeypatch.setattr(broker_sqlite, "_has_ready", counting)
+    consumer_broker = await SqliteBroker.open(path, doorbells=doorbells)
+    try:
+        await publisher.publish("q", b"only")
+        async with consumer_broker.consume("q", prefetch=4) as consumer:
+            assert (await consumer.receive()).body == b"only"
+            with trio.move_on_after(0.3):
+                await consumer.receive()
+        assert (polls == 0) == doorbells, polls
+    finally:
+        await consumer_broker.aclose()
+
+
+async def receive_from(
+    consumer: Consumer, nursery: trio.Nursery
+) -> trio.MemoryReceiveChannel[Delivery]:
+    got_send, got_recv = trio.open_memory_channel[Delivery](1)
+
+    async def receive() -> None:
+        await got_send.send(await consumer.receive())
+
+    nursery.start_soon(receive)
+    return got_recv
 
 
 def child_env() -> dict[str, str]:
