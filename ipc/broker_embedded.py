@@ -8,7 +8,10 @@ made every other channel's publishes wait for its lock and for its log syncs (fa
 scenario 7: B's POST -> submit_sm under A's flood 41.7-48.0 ms p99 with one file, 34.4-34.5
 ms with one per owner, on the same machine).
 
-A file is opened on first use and kept open; deleting an owner's last queue removes it. The
+A file is opened on first use and kept open; deleting an owner's last queue removes it, and
+the other processes that had it open close it the next time they open an owner's file (a
+newly created channel's), so that a gateway whose channels come and go does not pile up
+descriptors and disk space held by deleted files. The
 single-file layout's `queues.sqlite3` (beside the directory) is moved into the owners' files
 when the broker opens (at least once: a crash in the middle may copy an owner's rows twice,
 never drop them).
@@ -59,6 +62,8 @@ class EmbeddedBroker(Broker):
     def __init__(self, directory: Path, default: SqliteBroker) -> None:
         self._directory = directory
         self._shards: dict[str, SqliteBroker] = {DEFAULT_OWNER: default}
+        #: The file each owner's broker opened, as (device, inode).
+        self._files: dict[str, tuple[int, int]] = {}
         self._opening = trio.Lock()
         self._linger = 0.0
 
@@ -96,10 +101,30 @@ class EmbeddedBroker(Broker):
                 raise BrokerUnavailableError("the embedded queue is closed")
             shard = self._shards.get(owner)
             if shard is None:
-                shard = await SqliteBroker.open(owner_file(self._directory, owner))
+                await self._close_deleted()
+                path = owner_file(self._directory, owner)
+                shard = await SqliteBroker.open(path)
                 shard.set_write_linger(self._linger)
                 self._shards[owner] = shard
+                with suppress(OSError):
+                    self._files[owner] = _file_id(path)
             return shard
+
+    async def _close_deleted(self) -> None:
+        """Close the owners' files that another process deleted (with the owner's last queue).
+        Under `_opening`."""
+        for owner, opened in list(self._files.items()):
+            try:
+                current: tuple[int, int] | None = _file_id(owner_file(self._directory, owner))
+            except FileNotFoundError:
+                current = None
+            except OSError:
+                continue
+            if current != opened:
+                del self._files[owner]
+                shard = self._shards.pop(owner, None)
+                if shard is not None:
+                    await shard.aclose()
 
     async def _migrate(self, legacy: Path) -> None:
         """Copy each owner's queues and rows from `legacy` into its file, then delete them
@@ -149,6 +174,7 @@ class EmbeddedBroker(Broker):
             if self._shards.get(owner) is not shard:
                 return
             del self._shards[owner]
+            self._files.pop(owner, None)
         await shard.aclose()
         await trio.to_thread.run_sync(_remove_files, owner_file(self._directory, owner))
 
@@ -167,6 +193,11 @@ class EmbeddedBroker(Broker):
             shards, self._shards = list(self._shards.values()), {}
         for shard in shards:
             await shard.aclose()
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 # --- moving the single-file layout's queues (blocking: run in a worker thread) -------------

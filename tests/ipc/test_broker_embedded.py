@@ -161,6 +161,44 @@ async def test_deleting_an_owners_last_queue_removes_its_file(
     assert await broker.queue_length("gone.outbound") == 1
 
 
+def deleted_files_open(directory: Path) -> list[str]:
+    """Files of `directory` this process holds open although they were deleted."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+        if target.startswith(str(directory)) and target.endswith(" (deleted)"):
+            held.append(target)
+    return held
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_another_process_closes_an_owners_file_once_it_was_deleted(
+    broker: EmbeddedBroker, directory: Path
+) -> None:
+    """Two brokers on one directory stand for two API workers: when one deletes a
+    channel's queues (and so its file), the other lets go of the file as it next opens an
+    owner's file, and uses the owner's new file if it comes back."""
+    other = await EmbeddedBroker.open(directory)
+    try:
+        for queue in ("gone.outbound", "gone.inbound"):
+            await other.publish(queue, b"x")
+        for queue in ("gone.outbound", "gone.inbound"):
+            await broker.delete_queue(queue)
+        assert not broker.path_for("gone.inbound").exists()
+        assert deleted_files_open(directory) != []  # `other` still holds them
+        await other.publish("new.outbound", b"y")
+        assert deleted_files_open(directory) == []
+        # Not one write lost to a deleted file: the owner's queue starts afresh.
+        await other.publish("gone.outbound", b"again")
+        assert await broker.queue_length("gone.outbound") == 1
+        assert await broker.queue_length("new.outbound") == 1
+    finally:
+        await other.aclose()
+
+
 async def test_closed_broker_refuses_a_new_owner_and_a_ping(directory: Path) -> None:
     broker = await EmbeddedBroker.open(directory)
     await broker.aclose()
