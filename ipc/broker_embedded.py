@@ -10,8 +10,8 @@ ms with one per owner, on the same machine).
 
 A file is opened on first use and kept open; deleting an owner's last queue removes it, and
 the other processes that had it open close it the next time they open an owner's file (a
-newly created channel's), so that a gateway whose channels come and go does not pile up
-descriptors and disk space held by deleted files. The
+newly created channel's; at most every SWEEP_INTERVAL), so that a gateway whose channels
+come and go does not pile up descriptors and disk space held by deleted files. The
 single-file layout's `queues.sqlite3` (beside the directory) is moved into the owners' files
 when the broker opens (at least once: a crash in the middle may copy an owner's rows twice,
 never drop them).
@@ -44,6 +44,9 @@ DEFAULT_OWNER: Final = "_"
 #: hashed, so a queue name can never point outside the directory.
 _PLAIN_OWNER: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _MIGRATION_LOCK: Final = ".migration.lock"
+#: Seconds between two looks for owners' files deleted by another process (one stat per open
+#: file each time, so not at every open: an API worker opens one per channel it serves).
+SWEEP_INTERVAL: Final = 5.0
 
 
 def queue_owner(queue: str) -> str:
@@ -64,6 +67,8 @@ class EmbeddedBroker(Broker):
         self._shards: dict[str, SqliteBroker] = {DEFAULT_OWNER: default}
         #: The file each owner's broker opened, as (device, inode).
         self._files: dict[str, tuple[int, int]] = {}
+        self.sweep_interval = SWEEP_INTERVAL
+        self._next_sweep = 0.0
         self._opening = trio.Lock()
         self._linger = 0.0
 
@@ -111,8 +116,11 @@ class EmbeddedBroker(Broker):
             return shard
 
     async def _close_deleted(self) -> None:
-        """Close the owners' files that another process deleted (with the owner's last queue).
-        Under `_opening`."""
+        """Close the owners' files that another process deleted (with the owner's last queue),
+        unless that was looked for less than `sweep_interval` ago. Under `_opening`."""
+        if trio.current_time() < self._next_sweep:
+            return
+        self._next_sweep = trio.current_time() + self.sweep_interval
         for owner, opened in list(self._files.items()):
             try:
                 current: tuple[int, int] | None = _file_id(owner_file(self._directory, owner))

@@ -763,12 +763,11 @@ class _SqliteConsumer(Consumer):
         return broker.poll_min if self._doorbell is None else broker.doorbell_poll_max
 
     def _next_interval(self, interval: float, *, polled: bool) -> float:
-        """Back off while polling finds nothing; start over once woken."""
-        broker = self._broker
-        if not polled:
+        """Without a doorbell, back off while polling finds nothing and start over once
+        woken; with one, keep the idle pace."""
+        if self._doorbell is not None or not polled:
             return self._first_wait()
-        cap = broker.poll_max if self._doorbell is None else broker.doorbell_poll_max
-        return min(interval * 2, cap)
+        return min(interval * 2, self._broker.poll_max)
 
     async def _wait_for_arrival(self, seen: int, interval: float) -> bool:
         """Wait for a publish (ours, or a ring from another process) or `interval` seconds.

@@ -182,6 +182,7 @@ async def test_another_process_closes_an_owners_file_once_it_was_deleted(
     channel's queues (and so its file), the other lets go of the file as it next opens an
     owner's file, and uses the owner's new file if it comes back."""
     other = await EmbeddedBroker.open(directory)
+    other.sweep_interval = 0
     try:
         for queue in ("gone.outbound", "gone.inbound"):
             await other.publish(queue, b"x")
@@ -195,6 +196,23 @@ async def test_another_process_closes_an_owners_file_once_it_was_deleted(
         await other.publish("gone.outbound", b"again")
         assert await broker.queue_length("gone.outbound") == 1
         assert await broker.queue_length("new.outbound") == 1
+    finally:
+        await other.aclose()
+
+
+async def test_deleted_files_are_looked_for_at_most_once_per_sweep_interval(
+    broker: EmbeddedBroker, directory: Path
+) -> None:
+    """The control: within the interval, opening another owner's file leaves the rest as
+    they are (no stat of every open file at each open)."""
+    other = await EmbeddedBroker.open(directory)
+    other.sweep_interval = 3600
+    try:
+        await other.publish("first.outbound", b"x")  # the first open looks (nothing to find)
+        await other.publish("gone.outbound", b"x")
+        await broker.delete_queue("gone.outbound")
+        await other.publish("new.outbound", b"y")
+        assert deleted_files_open(directory) != []
     finally:
         await other.aclose()
 
