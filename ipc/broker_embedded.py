@@ -67,6 +67,7 @@ class EmbeddedBroker(Broker):
         self._shards: dict[str, SqliteBroker] = {DEFAULT_OWNER: default}
         #: The file each owner's broker opened, as (device, inode).
         self._files: dict[str, tuple[int, int]] = {}
+        #: Seconds between two looks for deleted owners' files (_close_deleted).
         self.sweep_interval = SWEEP_INTERVAL
         self._next_sweep = 0.0
         self._opening = trio.Lock()

@@ -177,7 +177,7 @@ async def test_a_consumer_that_emptied_its_queue_waits_for_a_ring_not_a_claim(
     path: Path, publisher: SqliteBroker, claims: list[int], publish_from: str
 ) -> None:
     """Once a claim has taken every ready row, the next receive() does not claim again at
-    once (an empty claim takes the write lock every process shares) and does not poll soon
+    once (an empty claim takes the queue file's write lock) and does not poll soon
     (this consumer's polls are a minute apart): the next publish wakes it, including one
     made between the two receive() calls, before it waits."""
     consumer_broker = await open_slow_poller(path)
