@@ -151,6 +151,34 @@ def channel_pids(channel_id: str) -> list[int]:
     return pids
 
 
+def child_pids(parent: int, marker: bytes = b"") -> list[int]:
+    """Pids of `parent`'s children (its API workers and channel processes) whose command
+    line contains `marker`, read from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and marker in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie counts as gone: it serves nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @asynccontextmanager
 async def running_gateway(
     settings: Settings, *, extra_args: list[str] | None = None

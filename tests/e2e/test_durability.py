@@ -11,7 +11,15 @@ import trio
 
 from ipc.broker import open_broker
 from ipc.names import Namespace
-from tests.e2e.gateway import WAIT, channel_pids, free_port, running_gateway, wait_for
+from tests.e2e.gateway import (
+    WAIT,
+    alive,
+    channel_pids,
+    child_pids,
+    free_port,
+    running_gateway,
+    wait_for,
+)
 from tests.e2e.test_getting_started import connect_telnet, create_telnet_channel
 
 if TYPE_CHECKING:
@@ -177,12 +185,23 @@ async def test_supervisor_kill_9_leaves_no_orphans(embedded_settings: Settings) 
         cid = channel["id"]
         assert channel_pids(cid)
         assert gw.process is not None
+        # Its API workers as well as the channel: a worker left serving the old listening
+        # socket would answer the restarted gateway's health check in its place.
+        supervisor = gw.process.pid
+
+        async def all_started() -> bool:  # the second worker starts once the first serves
+            return len(child_pids(supervisor)) == 3  # two API workers and the channel
+
+        with trio.fail_after(WAIT):
+            await wait_for(all_started)
+        children = child_pids(supervisor)
+        assert set(channel_pids(cid)) < set(children)
         gw.process.kill()
         await gw.process.wait()
         gw.process = None
 
         async def gone() -> bool:
-            return channel_pids(cid) == []
+            return not any(alive(pid) for pid in children)
 
         with trio.fail_after(WAIT):
             await wait_for(gone)

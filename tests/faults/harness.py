@@ -21,7 +21,6 @@ import statistics
 import subprocess
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
@@ -29,11 +28,12 @@ import trio
 
 from ipc.broker_amqp import OPERATION_TIMEOUT, AmqpBroker
 from ipc.settings import AmqpSettings
-from tests.e2e.gateway import WAIT, free_port, remember_channel, wait_for
+from tests.e2e.gateway import WAIT, child_pids, free_port, remember_channel, wait_for
 from tests.fakes.fake_smsc import FakeSmsc, smpp_config
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
     from channel_proc.transports.smpp.pdu import Pdu
     from tests.e2e.gateway import Gateway
@@ -463,23 +463,6 @@ def rate_report(
 
 
 # --- processes ---------------------------------------------------------------------------
-
-
-def child_pids(parent: int, marker: bytes) -> list[int]:
-    """Pids of `parent`'s children whose command line contains `marker`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and marker in cmdline:
-            pids.append(int(entry.name))
-    return sorted(pids)
 
 
 def api_worker_pids(gateway: Gateway) -> list[int]:
