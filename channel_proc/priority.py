@@ -7,16 +7,25 @@ CPU scheduling priority, and restores it once the queue is down to BACKLOG_LOW (
 keeps a queue hovering near one threshold from flapping). Throughput on an idle machine is
 unchanged: a lower priority only matters when another process wants the CPU.
 
-Two Linux mechanisms, applied to every thread of the process (both are per thread there,
-and the broker and store adapters run worker threads):
+Three Linux mechanisms:
 
-- nice +BACKLOG_NICE: the strong one (a nice-10 thread gets ~1/9 of the CPU a nice-0 one
-  gets when both want it). Raising nice is always allowed, but lowering it back needs
-  CAP_SYS_NICE or an RLIMIT_NICE that permits the old value (e.g. systemd `LimitNICE=+0`,
-  or `ulimit -e 20`). Without either it is not used: a channel niced for good would stay
-  slow after it caught up.
-- SCHED_BATCH: the weak one (the thread is treated as CPU-bound and does not preempt others
-  on wake-up), which any unprivileged process may set and clear.
+- The autogroup's nice +BACKLOG_NICE. Where the kernel groups processes by session
+  (CONFIG_SCHED_AUTOGROUP, on by default in most distributions' kernels, for processes not
+  placed in a CPU cgroup), it first shares the CPU between groups and only then between a
+  group's threads by their nice. The supervisor starts every channel in a session of its
+  own, so a channel is its own group and a thread's nice alone changes nothing against
+  other channels (measured: two busy processes in two sessions, one at nice 10, split a
+  core 50/50; with the group at nice 10, 90/10). Any process may set its group's nice back
+  down to 0, so it is used whenever the process leads its session (otherwise the group is
+  its caller's whole session) and the group's nice is not below 0 to begin with.
+- Every thread's nice +BACKLOG_NICE (the broker and store adapters run worker threads):
+  what counts where there are no autogroups (a CPU cgroup per service, or autogroups off).
+  Raising nice is always allowed, but lowering it back needs CAP_SYS_NICE or an
+  RLIMIT_NICE that permits the old value (e.g. systemd `LimitNICE=+0`, or `ulimit -e 20`).
+  Without either it is not used: a channel niced for good would stay slow after it caught
+  up.
+- SCHED_BATCH on every thread: the weak one (the thread is treated as CPU-bound and does
+  not preempt others on wake-up), which any unprivileged process may set and clear.
 
 Other platforms: nothing is changed.
 """
@@ -29,6 +38,7 @@ import logging
 import os
 import resource
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -50,6 +60,8 @@ BACKLOG_WRITE_LINGER: Final = 0.010
 CAP_SYS_NICE: Final = 23
 
 SCHED_SUPPORTED: Final = hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH")
+#: The process's autogroup: reads "/autogroup-N nice K", takes a nice (sched(7)).
+AUTOGROUP: Final = Path("/proc/self/autogroup")
 
 
 def thread_ids() -> list[int]:
@@ -78,6 +90,30 @@ def can_restore_nice(nice: int) -> bool:
     return has_cap_sys_nice() or soft == resource.RLIM_INFINITY or 20 - nice <= soft
 
 
+def own_autogroup_nice() -> int | None:
+    """The nice of this process's autogroup when it is the process's own to change (it leads
+    its session, and the nice is not below 0: that could not be set back), else None."""
+    if not hasattr(os, "getsid") or os.getsid(0) != os.getpid():
+        return None
+    try:
+        fields = AUTOGROUP.read_text().split()
+        nice = int(fields[fields.index("nice") + 1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return nice if nice >= 0 or has_cap_sys_nice() else None
+
+
+def set_autogroup_nice(nice: int) -> bool:
+    """False when the kernel refused: it allows one change per 100 ms on the whole machine to
+    an unprivileged process (EAGAIN), so the caller tries again later."""
+    try:
+        AUTOGROUP.write_text(str(nice))
+    except OSError as exc:
+        log.debug("autogroup nice %d not set: %s", nice, exc)
+        return False
+    return True
+
+
 class Level(enum.Enum):
     NORMAL = "normal"
     BACKLOG = "backlog"
@@ -90,7 +126,11 @@ class ProcessPriority:
     base_nice: int = field(default_factory=lambda: os.getpriority(os.PRIO_PROCESS, 0))
     backlog_nice: int = BACKLOG_NICE
     use_nice: bool | None = None
+    #: The autogroup's nice as found; None: the autogroup is left alone.
+    base_group_nice: int | None = field(default_factory=own_autogroup_nice)
     level: Level = Level.NORMAL
+    #: The autogroup nice the kernel refused for now (rate limit), to set at the next retry().
+    pending_group_nice: int | None = None
 
     def __post_init__(self) -> None:
         if self.use_nice is None:
@@ -98,11 +138,23 @@ class ProcessPriority:
 
     def lower(self) -> None:
         self._apply(min(19, self.base_nice + self.backlog_nice), batch=True)
+        if self.base_group_nice is not None:
+            self._set_group(min(19, self.base_group_nice + self.backlog_nice))
         self.level = Level.BACKLOG
 
     def restore(self) -> None:
         self._apply(self.base_nice, batch=False)
+        if self.base_group_nice is not None:
+            self._set_group(self.base_group_nice)
         self.level = Level.NORMAL
+
+    def retry(self) -> None:
+        """Sets the autogroup nice the kernel refused last time, if any."""
+        if self.pending_group_nice is not None:
+            self._set_group(self.pending_group_nice)
+
+    def _set_group(self, nice: int) -> None:
+        self.pending_group_nice = None if set_autogroup_nice(nice) else nice
 
     def _apply(self, nice: int, *, batch: bool) -> None:
         policy = os.SCHED_BATCH if batch else os.SCHED_OTHER
@@ -129,11 +181,14 @@ class BacklogPriority:
 
     def update(self, depth: int) -> None:
         priority = self.priority
+        priority.retry()
         if priority.level is Level.NORMAL and depth > self.high:
             priority.lower()
             if self.on_change is not None:
                 self.on_change(True)
             how = f"nice +{priority.backlog_nice}, " if priority.use_nice else ""
+            if priority.base_group_nice is not None:
+                how = f"its autogroup's nice +{priority.backlog_nice}, {how}"
             log.info(
                 "outbound backlog of %d: lowering this channel's CPU priority (%sSCHED_BATCH)"
                 " so that other channels keep their latency",
@@ -142,8 +197,8 @@ class BacklogPriority:
             )
             if not priority.use_nice:
                 log.info(
-                    "not changing nice: setting it back needs CAP_SYS_NICE or RLIMIT_NICE "
-                    "(e.g. systemd LimitNICE=+0)"
+                    "not changing its threads' nice: setting it back needs CAP_SYS_NICE or "
+                    "RLIMIT_NICE (e.g. systemd LimitNICE=+0)"
                 )
         elif priority.level is Level.BACKLOG and depth <= self.low:
             priority.restore()

@@ -1,9 +1,10 @@
 """Backlog priority (channel_proc/priority.py) in a real child process on a real broker.
 
 The child watches a queue with small thresholds; the test publishes past the high one and
-reads the child's threads' nice and scheduling policy from /proc, then drains the queue
-and sees them come back. Run as an unprivileged user, the child changes only what it could
-change back.
+reads the child's threads' nice and scheduling policy and its autogroup's nice from /proc,
+then drains the queue and sees them come back. Run as an unprivileged user, the child
+changes only what it could change back; a child that does not lead its session leaves the
+autogroup (its caller's whole session) alone.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pwd
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -75,12 +77,13 @@ WATCHER: Final = textwrap.dedent(
     """
 )
 
-#: Lowers then restores the priority; prints nice and policy of the main thread after each.
-#: With arguments (RLIMIT_NICE, uid, gid) it first becomes that user with that limit (done
-#: here, after Python has started: the interpreter may live where the user may not read).
+#: Lowers then restores the priority; prints the main thread's nice and policy and the
+#: autogroup's nice after each. With arguments (RLIMIT_NICE, uid, gid) it first becomes that
+#: user with that limit (done here, after Python has started: the interpreter may live where
+#: the user may not read).
 FLIP: Final = textwrap.dedent(
     """
-    import json, os, resource, sys
+    import ctypes, json, os, resource, sys, time
     from channel_proc.priority import ProcessPriority
 
     if len(sys.argv) > 1:
@@ -93,18 +96,43 @@ FLIP: Final = textwrap.dedent(
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
+        # Changing uid made the process undumpable, which gives /proc/self to root; a
+        # process started as that user is dumpable.
+        ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+
+    def group_nice():
+        try:
+            fields = open("/proc/self/autogroup").read().split()
+        except OSError:
+            return None
+        return int(fields[fields.index("nice") + 1])
 
     def state():
-        return os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
+        return os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0), group_nice()
 
     priority = ProcessPriority()
     before = state()
     priority.lower()
     lowered = state()
     priority.restore()
-    print(json.dumps([before, lowered, state(), priority.use_nice]))
+    # Unprivileged, the kernel takes one autogroup change per 100 ms: the channel's next
+    # depth reading retries, as this does.
+    deadline = time.monotonic() + 5
+    while priority.pending_group_nice is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        priority.retry()
+    print(json.dumps([before, lowered, state(), priority.use_nice, priority.base_group_nice]))
     """
 )
+
+
+def group_nice(pid: int | str = "self") -> int | None:
+    """The nice of `pid`'s autogroup; None without autogroups (kernel built without them)."""
+    try:
+        fields = Path(f"/proc/{pid}/autogroup").read_text().split()
+    except OSError:
+        return None
+    return int(fields[fields.index("nice") + 1])
 
 
 def thread_states(pid: int) -> set[tuple[int, int]]:
@@ -161,11 +189,13 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
     script = tmp_path / "watcher.py"
     script.write_text(WATCHER)
     env = {**os.environ, SETTINGS_ENV: settings.to_env(), "PYTHONPATH": str(REPO)}
+    # In a session of its own, as the supervisor starts a channel: an autogroup of its own.
     proc = await trio.lowlevel.open_process(
         [sys.executable, str(script), queue],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
+        start_new_session=True,
     )
     base = os.getpriority(os.PRIO_PROCESS, 0)
     try:
@@ -173,6 +203,9 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
         await read_until(proc.stdout, b"ready")
         normal = {(base, SCHED_OTHER)}
         assert thread_states(proc.pid) == normal
+        grouped = group_nice(proc.pid) is not None
+        if grouped:
+            assert group_nice(proc.pid) == 0
 
         for n in range(HIGH):
             await broker.publish(queue, b"%d" % n)
@@ -184,6 +217,8 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
         await wait_for_states(proc.pid, {(base + BACKLOG_NICE, SCHED_BATCH)})
         # Its owner hears of it (the channel process makes its writes linger).
         await read_until(proc.stdout, b"backlog True")
+        if grouped:
+            assert group_nice(proc.pid) == BACKLOG_NICE
 
         # Down to LOW + 2 (LOW + 1 while drain's next delivery is in flight): still a
         # backlog (hysteresis).
@@ -194,6 +229,8 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
         await drain(broker, queue, 2)
         await wait_for_states(proc.pid, normal)
         await read_until(proc.stdout, b"backlog False")
+        if grouped:
+            assert group_nice(proc.pid) == 0
     finally:
         assert proc.stdin is not None
         await proc.stdin.aclose()
@@ -206,27 +243,55 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
     assert proc.returncode == 0
 
 
-def test_lowering_is_undone_in_process() -> None:
-    """The same process, directly: lower() then restore() (as the process is run here)."""
+State = tuple[int, int, "int | None"]
+
+
+@dataclass
+class Flip:
+    """FLIP's report: (nice, policy, autogroup nice) before, lowered and after."""
+
+    before: State
+    lowered: State
+    after: State
+    used_nice: bool
+    base_group_nice: int | None
+
+
+def run_flip(*args: str, new_session: bool) -> Flip:
     result = subprocess.run(
-        [sys.executable, "-c", FLIP],
+        [sys.executable, "-c", FLIP, *args],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         check=True,
+        start_new_session=new_session,
     )
-    before, lowered, after, used_nice = parse_flip(result.stdout)
-    assert before == after
-    assert lowered[1] == SCHED_BATCH
-    assert lowered[0] == (before[0] + BACKLOG_NICE if used_nice else before[0])
+    report = json.loads(result.stdout)
+    if "skip" in report:
+        pytest.skip(report["skip"])
+    before, lowered, after, used_nice, base_group_nice = report
+    return Flip(tuple(before), tuple(lowered), tuple(after), used_nice, base_group_nice)
 
 
-def parse_flip(output: str) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], bool]:
-    result = json.loads(output)
-    if "skip" in result:
-        pytest.skip(result["skip"])
-    before, lowered, after, used_nice = result
-    return tuple(before), tuple(lowered), tuple(after), bool(used_nice)
+@pytest.mark.parametrize("new_session", [True, False], ids=["own session", "caller's session"])
+def test_lowering_is_undone_in_process(new_session: bool) -> None:
+    """The same process, directly: lower() then restore() (as the process is run here)."""
+    ours = group_nice()
+    flip = run_flip(new_session=new_session)
+    assert flip.before == flip.after
+    nice, policy, group = flip.lowered
+    assert policy == SCHED_BATCH
+    assert nice == (flip.before[0] + BACKLOG_NICE if flip.used_nice else flip.before[0])
+    if flip.before[2] is None:  # a kernel without autogroups
+        assert flip.base_group_nice is None
+    elif new_session:
+        assert flip.base_group_nice == flip.before[2] == 0
+        assert group == BACKLOG_NICE
+    else:
+        # Its autogroup is this test's whole session: not its to change.
+        assert flip.base_group_nice is None
+        assert group == flip.before[2]
+    assert group_nice() == ours
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an unprivileged user")
@@ -243,14 +308,11 @@ def test_unprivileged_process_changes_only_what_it_can_undo(
     nice_limit: int, uses_nice: bool
 ) -> None:
     nobody = pwd.getpwnam("nobody")
-    result = subprocess.run(
-        [sys.executable, "-c", FLIP, str(nice_limit), str(nobody.pw_uid), str(nobody.pw_gid)],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    before, lowered, after, used_nice = parse_flip(result.stdout)
-    assert used_nice is uses_nice
-    assert before == after == (0, SCHED_OTHER)
-    assert lowered == ((BACKLOG_NICE if uses_nice else 0), SCHED_BATCH)
+    ids = (str(nice_limit), str(nobody.pw_uid), str(nobody.pw_gid))
+    flip = run_flip(*ids, new_session=True)
+    assert flip.used_nice is uses_nice
+    grouped = flip.before[2] is not None
+    # Its autogroup's nice it may always set back to 0, whatever its RLIMIT_NICE.
+    assert flip.before == flip.after == (0, SCHED_OTHER, 0 if grouped else None)
+    lowered_group = BACKLOG_NICE if grouped else None
+    assert flip.lowered == ((BACKLOG_NICE if uses_nice else 0), SCHED_BATCH, lowered_group)
