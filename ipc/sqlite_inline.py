@@ -15,6 +15,19 @@ connection runs with wal_autocheckpoint=0, and a Checkpointer copies the log int
 database in a worker thread, on a connection of its own, once every COMMITS_PER_CHECKPOINT
 commits of the process. A PASSIVE checkpoint takes no write lock, so writers go on meanwhile.
 
+But SQLite rewinds the log to its start only when a write begins with the whole log copied,
+and under a steady stream of writes from other connections a passive checkpoint never
+catches up with the log's end: the log then grew by every commit, never reusing its space
+(seen: the state file's log at 2 GB and a flooded channel's queue log at 1.2 GB after a
+two-minute flood), and every sync of a growing file also commits the file system's journal,
+which all the gateway's files share. So once the log holds RESTART_FRAMES frames, the
+checkpointer follows its passive checkpoint with a RESTART one, which waits (RESTART_WAIT at
+most) for the write lock and for readers of the old log, copies what the passive one left
+(a few frames), and lets the next write start the log over. Writers then wait that long,
+once per few thousand frames, instead of every sync paying for the growth. Every connection
+also sets journal_size_limit, so that a log grown large once (before this, or by a long
+lock) is cut back to JOURNAL_SIZE_LIMIT when it is next rewound.
+
 Only one thread may use an InlineRunner: the trio thread that made the calls. A transaction
 run here cannot be cancelled halfway (it is synchronous), which is what callers want.
 """
@@ -39,6 +52,17 @@ log = logging.getLogger(__name__)
 
 #: A process's commits (inline or threaded) between two of its background checkpoints.
 COMMITS_PER_CHECKPOINT: Final = 500
+#: The fewest commits between two checkpoints (see Checkpointer).
+MIN_COMMITS_PER_CHECKPOINT: Final = 10
+#: Log frames (pages) from which a checkpoint also rewinds the log (16 MB of 4 KB pages).
+RESTART_FRAMES: Final = 4096
+#: Seconds a rewinding checkpoint waits for the write lock and for readers before giving up
+#: until the next turn (writers are held up this long at most).
+RESTART_WAIT: Final = 0.1
+#: Bytes a rewound log is cut back to (PRAGMA journal_size_limit).
+JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+#: The pragma, for every connection to a file in WAL mode (the store and queue connections).
+LIMIT_JOURNAL: Final = f"journal_size_limit={JOURNAL_SIZE_LIMIT}"
 
 _BUSY_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 #: A threaded transaction finding the database locked by another process tries again after
@@ -100,18 +124,33 @@ def retry_busy(fn: Callable[[], T], timeout: float) -> T:
 
 class Checkpointer:
     """Checkpoints a database's write-ahead log in a worker thread, on a connection of its
-    own, once every `every` commits it is told of (see the module docstring)."""
+    own, once every `every` commits it is told of (see the module docstring).
 
-    def __init__(self, path: Path, *, every: int = COMMITS_PER_CHECKPOINT) -> None:
+    A commit may add one frame or hundreds (a flooded channel's group commits carry dozens
+    of messages), so `every` adapts to the log size each checkpoint finds: halved (down to
+    MIN_COMMITS_PER_CHECKPOINT) while that is over twice `restart_frames`, doubled back (up
+    to the `every` given) while under half of it. The log then stays near `restart_frames`,
+    below JOURNAL_SIZE_LIMIT, rather than growing with the size of the commits."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        every: int = COMMITS_PER_CHECKPOINT,
+        restart_frames: int = RESTART_FRAMES,
+    ) -> None:
         self._path = path
+        self._max_every = every
         self._every = every
+        self._restart_frames = restart_frames
         self._commits = 0
         self._conn: sqlite3.Connection | None = None
         #: Set when the running checkpoint ends; None while none runs.
         self._running: trio.Event | None = None
         self._closed = False
-        #: Checkpoints completed (for tests).
+        #: Checkpoints completed, and those of them that rewound the log (for tests).
         self.done = 0
+        self.restarts = 0
 
     def committed(self) -> None:
         """Count a commit, and start a checkpoint when one is due. Call on trio's thread."""
@@ -123,10 +162,19 @@ class Checkpointer:
         # A system task: the stores have no nursery, and their writers must not wait for it.
         trio.lowlevel.spawn_system_task(self._run, self._running)
 
+    @property
+    def every(self) -> int:
+        """Commits between two checkpoints, as adapted so far."""
+        return self._every
+
     async def _run(self, finished: trio.Event) -> None:
         try:
-            await trio.to_thread.run_sync(self._checkpoint)
+            frames = await trio.to_thread.run_sync(self._checkpoint)
             self.done += 1
+            if frames > 2 * self._restart_frames:
+                self._every = max(MIN_COMMITS_PER_CHECKPOINT, self._every // 2)
+            elif frames < self._restart_frames // 2:
+                self._every = min(self._max_every, self._every * 2)
         except sqlite3.Error as exc:
             # Another process checkpointing, a full or read-only disk: the writes themselves
             # report that; the next turn tries again.
@@ -135,12 +183,27 @@ class Checkpointer:
             self._running = None
             finished.set()
 
-    def _checkpoint(self) -> None:
-        if self._conn is None:
-            self._conn = sqlite3.connect(
+    def _checkpoint(self) -> int:
+        """Returns the frames the log held."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = sqlite3.connect(
                 self._path, timeout=0, isolation_level=None, check_same_thread=False
             )
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            conn.execute(f"PRAGMA {LIMIT_JOURNAL}")
+        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if frames < self._restart_frames:
+            return int(frames)
+        conn.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            conn.execute("PRAGMA busy_timeout=0")
+        if busy:
+            log.debug("log of %s not rewound: busy for %.1f s", self._path, RESTART_WAIT)
+        else:
+            self.restarts += 1
+        return int(frames)
 
     async def wait_idle(self) -> None:
         """Return once no checkpoint runs."""
@@ -176,7 +239,7 @@ class InlineRunner:
         # timeout=0: a locked database answers SQLITE_BUSY at once instead of blocking.
         conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
-            for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", *pragmas):
+            for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", LIMIT_JOURNAL, *pragmas):
                 conn.execute(f"PRAGMA {pragma}")
         except BaseException:
             conn.close()

@@ -20,7 +20,14 @@ import trio
 
 from ipc.errors import StoreUnavailableError
 from ipc.group_commit import GroupCommit
-from ipc.sqlite_inline import Attempt, Checkpointer, InlineRunner, retry_busy, transaction
+from ipc.sqlite_inline import (
+    LIMIT_JOURNAL,
+    Attempt,
+    Checkpointer,
+    InlineRunner,
+    retry_busy,
+    transaction,
+)
 from ipc.state import (
     JsonObject,
     KvEntry,
@@ -113,6 +120,7 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
         # Checkpoints run in the background (ipc.sqlite_inline.Checkpointer), not in a COMMIT.
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA {LIMIT_JOURNAL}")
         conn.execute("PRAGMA foreign_keys=ON")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version < SCHEMA_VERSION:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+import threading
+import time
 from contextlib import closing
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
@@ -16,7 +19,13 @@ import trio
 
 from ipc.broker_sqlite import SqliteBroker
 from ipc.names import Namespace
-from ipc.sqlite_inline import COMMITS_PER_CHECKPOINT, Checkpointer, InlineRunner
+from ipc.sqlite_inline import (
+    COMMITS_PER_CHECKPOINT,
+    Checkpointer,
+    InlineRunner,
+    retry_busy,
+    transaction,
+)
 from ipc.state_sqlite import SqliteStateStore
 
 if TYPE_CHECKING:
@@ -195,6 +204,87 @@ async def test_each_embedded_store_checkpoints(tmp_path: Path, store: str) -> No
         assert _checkpointed(path)
     finally:
         await close()
+
+
+def _wal_bytes(db: Path) -> int:
+    """The log file's size: the most it ever held since it was last cut back."""
+    return (db.parent / f"{db.name}-wal").stat().st_size
+
+
+async def test_checkpoints_rewind_the_log_under_a_steady_stream_of_writes(db: Path) -> None:
+    """A writer that never pauses (another process draining a flood) keeps every passive
+    checkpoint from reaching the log's end, and SQLite rewinds the log only after one has:
+    the log grew by every commit (2 GB in a two-minute flood). Past `restart_frames` the
+    checkpointer rewinds it, so the file stops growing."""
+    restart_frames, commits = 100, 2000
+    checkpointer = Checkpointer(db, every=1, restart_frames=restart_frames)
+    made = 0
+    stop = threading.Event()
+
+    def flood() -> None:
+        nonlocal made
+        with closing(sqlite3.connect(db, isolation_level=None, timeout=0)) as conn:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            while not stop.is_set():
+                retry_busy(partial(transaction, conn, _insert, write=True), 5)
+                made += 1
+                # Between two writes a process does other work (here 0.2 ms): less than a
+                # checkpoint's syncs take, so a passive one never catches up.
+                time.sleep(0.0002)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, flood, abandon_on_cancel=False))
+            with trio.fail_after(60):
+                # This process is told of the flood's commits, as the flooding process's
+                # own checkpointer would be.
+                while made < commits:
+                    checkpointer.committed()
+                    await trio.sleep(0.001)
+            # Read while the flood's connection is open: the last one to close removes it.
+            wal_bytes = _wal_bytes(db)
+            stop.set()
+    finally:
+        stop.set()
+        await checkpointer.aclose()
+    assert checkpointer.restarts > 0
+    # Each commit adds one 4 KB frame: without the rewinds the log held them all.
+    frame = 4096 + 24
+    assert wal_bytes < commits // 4 * frame, wal_bytes // frame
+
+
+async def test_checkpoints_come_sooner_when_commits_are_large(db: Path) -> None:
+    """Commits of many pages (a flood's group commits) would fill the log far past
+    `restart_frames` between checkpoints counted in commits: the count halves while a
+    checkpoint finds more than twice that, and comes back once commits are small again."""
+    restart_frames, every = 200, 40
+    checkpointer = Checkpointer(db, every=every, restart_frames=restart_frames)
+    runner = InlineRunner.connect(db, checkpointer=checkpointer)
+
+    def write_pages(pages: int) -> Callable[[sqlite3.Connection], object]:
+        # A blob spills over `pages` overflow pages, each one frame in the log.
+        return lambda conn: conn.execute("INSERT INTO t (n) VALUES (?)", (b"x" * 4000 * pages,))
+
+    async def commit_until_checkpoint(pages: int) -> None:
+        done = checkpointer.done
+        while checkpointer.done == done:
+            assert runner.run(write_pages(pages), write=True).done
+            with trio.fail_after(5):
+                await checkpointer.wait_idle()
+
+    try:
+        await commit_until_checkpoint(40)  # 40 commits of 40 pages: 1600 frames > 2 x 200
+        assert checkpointer.every == every // 2
+        await commit_until_checkpoint(40)  # 800 frames
+        assert checkpointer.every == every // 4
+        # The log was rewound: 10, then 20 commits of a page or two (fewer than 200 / 2).
+        for _ in range(2):
+            await commit_until_checkpoint(1)
+        assert checkpointer.every == every
+    finally:
+        runner.close()
+        await checkpointer.aclose()
 
 
 def test_closed_inline_runner_does_nothing(db: Path) -> None:
