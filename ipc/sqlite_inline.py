@@ -18,15 +18,15 @@ commits of the process. A PASSIVE checkpoint takes no write lock, so writers go 
 But SQLite rewinds the log to its start only when a write begins with the whole log copied,
 and under a steady stream of writes from other connections a passive checkpoint never
 catches up with the log's end: the log then grew by every commit, never reusing its space
-(seen: the state file's log at 2 GB and a flooded channel's queue log at 1.2 GB after a
-two-minute flood), and every sync of a growing file also commits the file system's journal,
-which all the gateway's files share. So once the log holds RESTART_FRAMES frames, the
-checkpointer follows its passive checkpoint with a RESTART one, which waits (RESTART_WAIT at
-most) for the write lock and for readers of the old log, copies what the passive one left
-(a few frames), and lets the next write start the log over. Writers then wait that long,
-once per few thousand frames, instead of every sync paying for the growth. Every connection
-also sets journal_size_limit, so that a log grown large once (before this, or by a long
-lock) is cut back to JOURNAL_SIZE_LIMIT when it is next rewound.
+(seen: the state file's log at 4.6 GB and a flooded channel's queue log at 1.8 GB in a
+2.5-minute bench.isolation run), and every sync of a growing file also commits the file
+system's journal, which all the gateway's files share. So once the log holds RESTART_FRAMES
+frames, the checkpointer follows its passive checkpoint with a RESTART one, which waits
+(RESTART_WAIT at most) for the write lock and for readers of the old log, copies what the
+passive one left (a few frames), and lets the next write start the log over. Writers then
+wait that long, once per few thousand frames, instead of every sync paying for the growth.
+Every connection also sets journal_size_limit, so that a log grown large once (before this,
+or by a long lock) is cut back to JOURNAL_SIZE_LIMIT when it is next rewound.
 
 Only one thread may use an InlineRunner: the trio thread that made the calls. A transaction
 run here cannot be cancelled halfway (it is synchronous), which is what callers want.

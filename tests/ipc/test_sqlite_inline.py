@@ -1,6 +1,7 @@
 """ipc/sqlite_inline.py: inline transactions give way to a lock held elsewhere, never
 checkpoint, roll back on errors; the Checkpointer copies the log into the database in the
-background every COMMITS_PER_CHECKPOINT commits, and both embedded stores have one; and the
+background every COMMITS_PER_CHECKPOINT commits (sooner when commits are large), rewinds it
+while other connections keep writing, and both embedded stores have one; and the
 embedded broker still settles, claims and counts (threaded) while another connection holds
 the write lock."""
 
