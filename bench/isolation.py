@@ -17,6 +17,8 @@ submit_sm seen by B's SMSC per second within the window, latency from the POST t
 submit_sm (p50, p99; it includes the API's accept), and CPU seconds of B's channel process
 per message; for A: its drain rate, how much backlog was left at the end of the window,
 and every flooded message seen at its SMSC (lost and duplicated counted) after the drain.
+Over the whole run, on the embedded backend: the largest the state file's and a queue file's
+write-ahead logs got, and what the machine wrote to the data directory's disk.
 
 Phase C: once A has drained, its events are forwarded and the gateway is quiet again, B
 alone again. Consecutive alone windows differ by themselves (control runs with
@@ -103,6 +105,69 @@ class FloodFigures:
     drained: bool = False
     #: A's event backlog worked off and the gateway quiet before B's last window.
     settled: bool = False
+
+
+@dataclass
+class DiskFigures:
+    """The embedded store's files over the whole run (zero on Redis/RabbitMQ)."""
+
+    #: The largest the state file's and any queue file's write-ahead log got (sampled).
+    peak_state_log_mb: float = 0.0
+    peak_queue_log_mb: float = 0.0
+    #: Written to the data directory's block device by the whole machine (None: no block
+    #: device, e.g. tmpfs, or not Linux).
+    written_mb: float | None = None
+
+
+def block_device(path: Path) -> str | None:
+    """The block device holding `path`, as /proc/diskstats names it."""
+    dev = path.stat().st_dev
+    sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    return sys_dev.resolve().name if sys_dev.exists() else None
+
+
+def sectors_written(device: str) -> int | None:
+    """Sectors (512 bytes) written to `device` since boot (proc(5), /proc/diskstats)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            fields = line.split()
+            if fields[2] == device:
+                return int(fields[9])
+    return None
+
+
+@dataclass
+class DiskWatch:
+    """Samples the data directory's log sizes every second while it runs (the logs grew
+    without bound under a flood before the checkpoints rewound them: worth watching)."""
+
+    data_dir: Path
+    figures: DiskFigures = field(default_factory=DiskFigures)
+
+    async def run(self) -> None:
+        device = block_device(self.data_dir) if self.data_dir.exists() else None
+        start = sectors_written(device) if device else None
+        try:
+            while True:
+                self._sample()
+                await trio.sleep(1.0)
+        finally:
+            end = sectors_written(device) if device else None
+            if start is not None and end is not None:
+                self.figures.written_mb = (end - start) * 512 / 1e6
+
+    def _sample(self) -> None:
+        def size_mb(path: Path) -> float:
+            try:
+                return path.stat().st_size / 1e6
+            except OSError:  # gone between listing and stat (a deleted queue)
+                return 0.0
+
+        figures = self.figures
+        state = size_mb(self.data_dir / "state.sqlite3-wal")
+        queues = max(map(size_mb, (self.data_dir / "queues").glob("*-wal")), default=0.0)
+        figures.peak_state_log_mb = max(figures.peak_state_log_mb, state)
+        figures.peak_queue_log_mb = max(figures.peak_queue_log_mb, queues)
 
 
 def percentile_ms(values: list[float], pct: int) -> float:
@@ -460,17 +525,31 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 if args.pin_flooded:
                     pinned = pin_flooded(channel_a, sim_a)
                     print(f"pinned: {pinned}")
-                await SteadySender(client, target, "warm").run(WARMUP, 1.0)
-                before = await rig.steady_phase()
-                loaded, flood = await rig.flood_phase()
-                flood.settled = await rig.settle()
-                after = await rig.steady_phase()
+                disk = DiskWatch(settings.data_dir)
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(disk.run)
+                    await SteadySender(client, target, "warm").run(WARMUP, 1.0)
+                    before = await rig.steady_phase()
+                    loaded, flood = await rig.flood_phase()
+                    flood.settled = await rig.settle()
+                    after = await rig.steady_phase()
+                    watching.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     verdict = verdicts(bracket(before, after), loaded)
     print(table(before, loaded, after, flood))
     print(
         "within 10% of B alone (the mean of its windows before and after): "
         + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in verdict.items())
+    )
+    written = disk.figures.written_mb
+    print(
+        f"logs: state file's up to {disk.figures.peak_state_log_mb:.0f} MB, a queue file's up "
+        f"to {disk.figures.peak_queue_log_mb:.0f} MB; "
+        + (
+            "no block device under the data directory"
+            if written is None
+            else f"{written:.0f} MB written to its disk in the run (whole machine)"
+        )
     )
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
@@ -488,6 +567,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "b_while_a_flooded": asdict(loaded),
         "b_alone_again": asdict(after),
         "a_flood": asdict(flood),
+        "disk": asdict(disk.figures),
         "within_10_percent": verdict,
         "git_commit": git_commit(),
         "machine": machine(),
