@@ -170,15 +170,6 @@ def child_pids(parent: int, marker: bytes = b"") -> list[int]:
     return sorted(pids)
 
 
-def alive(pid: int) -> bool:
-    """Whether `pid` still runs (a zombie counts as gone: it serves nothing)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @asynccontextmanager
 async def running_gateway(
     settings: Settings, *, extra_args: list[str] | None = None

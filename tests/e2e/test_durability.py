@@ -13,7 +13,6 @@ from ipc.broker import open_broker
 from ipc.names import Namespace
 from tests.e2e.gateway import (
     WAIT,
-    alive,
     channel_pids,
     child_pids,
     free_port,
@@ -21,6 +20,7 @@ from tests.e2e.gateway import (
     wait_for,
 )
 from tests.e2e.test_getting_started import connect_telnet, create_telnet_channel
+from tests.supervisor.scripted import pid_alive
 
 if TYPE_CHECKING:
     from ipc.settings import Settings
@@ -190,7 +190,7 @@ async def test_supervisor_kill_9_leaves_no_orphans(embedded_settings: Settings) 
         supervisor = gw.process.pid
 
         def running_children() -> list[int]:
-            return [pid for pid in child_pids(supervisor) if alive(pid)]
+            return [pid for pid in child_pids(supervisor) if pid_alive(pid)]
 
         async def all_started() -> bool:  # the second worker starts once the first serves
             return len(running_children()) == 3  # two API workers and the channel
@@ -204,7 +204,7 @@ async def test_supervisor_kill_9_leaves_no_orphans(embedded_settings: Settings) 
         gw.process = None
 
         async def gone() -> bool:
-            return not any(alive(pid) for pid in children)
+            return not any(pid_alive(pid) for pid in children)
 
         with trio.fail_after(WAIT):
             await wait_for(gone)
