@@ -18,7 +18,9 @@ submit_sm (p50, p99; it includes the API's accept), and CPU seconds of B's chann
 per message; for A: its drain rate, how much backlog was left at the end of the window,
 and every flooded message seen at its SMSC (lost and duplicated counted) after the drain.
 Over the whole run, on the embedded backend: the largest the state file's and a queue file's
-write-ahead logs got, and what the machine wrote to the data directory's disk.
+write-ahead logs got, and what the machine wrote to the data directory's disk. Before the
+gateway starts, `--sync-probe` seconds of timing that disk's syncs alone (SyncFigures): B's p99
+is no steadier than they are.
 
 Phase C: once A has drained, its events are forwarded and the gateway is quiet again, B
 alone again. Consecutive alone windows differ by themselves (control runs with
@@ -168,6 +170,55 @@ class DiskWatch:
         queues = max(map(size_mb, (self.data_dir / "queues").glob("*-wal")), default=0.0)
         figures.peak_state_log_mb = max(figures.peak_state_log_mb, state)
         figures.peak_queue_log_mb = max(figures.peak_queue_log_mb, queues)
+
+
+@dataclass
+class SyncFigures:
+    """The data directory's disk on its own, before the gateway starts: a 4 KB write and its
+    fdatasync every SYNC_PROBE_INTERVAL (about the rate B's accepts sync at), timed. B's p99
+    cannot be steadier than the disk's own: on a shared virtual disk single syncs were seen
+    to take 50-360 ms with nothing else running, a dozen times a minute."""
+
+    syncs: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    #: Syncs slower than SLOW_SYNC (twice B's p99 alone on a quiet disk).
+    slow: int = 0
+
+
+#: Seconds between two of the sync probe's writes.
+SYNC_PROBE_INTERVAL: Final = 0.02
+SLOW_SYNC: Final = 0.020
+
+
+def probe_syncs(directory: Path, seconds: float) -> SyncFigures:
+    """Blocking: run it in a thread. Writes over the same 256 blocks of a scratch file, so
+    the file's size, and with it its metadata, stays the same after the first round."""
+    path = directory / "sync-probe"
+    durations: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        block = b"\0" * 4096
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.monotonic()
+            os.pwrite(fd, block, len(durations) % 256 * len(block))
+            os.fdatasync(fd)
+            durations.append(time.monotonic() - started)
+            time.sleep(SYNC_PROBE_INTERVAL)
+    finally:
+        os.close(fd)
+        path.unlink()
+    if not durations:
+        return SyncFigures()
+    return SyncFigures(
+        syncs=len(durations),
+        p50_ms=percentile_ms(durations, 50),
+        p99_ms=percentile_ms(durations, 99),
+        max_ms=max(durations) * 1000,
+        slow=sum(1 for d in durations if d > SLOW_SYNC),
+    )
 
 
 def percentile_ms(values: list[float], pct: int) -> float:
@@ -488,6 +539,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     sim_a, sim_b = SimulatorProcess(), SimulatorProcess(timed=True)
     with tempfile.TemporaryDirectory(prefix="jb-isolation-") as tmp:
         settings = settings_for(args.backend, Path(tmp), args)
+        syncs = SyncFigures()
+        if args.sync_probe:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            syncs = await trio.to_thread.run_sync(probe_syncs, settings.data_dir, args.sync_probe)
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=64)
         async with (
             trio.open_nursery() as nursery,
@@ -551,6 +606,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             else f"{written:.0f} MB written to its disk in the run (whole machine)"
         )
     )
+    if syncs.syncs:
+        print(
+            f"the disk alone, before the run: {syncs.syncs} syncs of 4 KB, p50 "
+            f"{syncs.p50_ms:.1f} ms, p99 {syncs.p99_ms:.1f} ms, max {syncs.max_ms:.0f} ms, "
+            f"{syncs.slow} over {SLOW_SYNC * 1000:.0f} ms"
+        )
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
     return {
@@ -568,6 +629,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "b_alone_again": asdict(after),
         "a_flood": asdict(flood),
         "disk": asdict(disk.figures),
+        "disk_syncs_alone": asdict(syncs),
         "within_10_percent": verdict,
         "git_commit": git_commit(),
         "machine": machine(),
@@ -597,6 +659,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="confine A's channel process and simulator to the last CPU",
     )
+    parser.add_argument(
+        "--sync-probe",
+        type=float,
+        default=15.0,
+        help="seconds spent timing the data directory's disk syncs before the run (0: none)",
+    )
     add_service_args(parser, timeout=600.0)
     args = parser.parse_args(argv)
     if args.pin_flooded and (os.cpu_count() or 1) < 2:
@@ -610,6 +678,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--steady-rate": (0.1, 1000),
             "--seconds": (1, 3600),
             "--window": (1, 1000),
+            "--sync-probe": (0, 600),
         },
     )
     return args
