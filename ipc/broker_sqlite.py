@@ -40,7 +40,7 @@ import trio
 
 from ipc.broker import Broker, Consumer, Delivery
 from ipc.errors import BrokerUnavailableError
-from ipc.sqlite_inline import LIMIT_JOURNAL, Attempt, Checkpointer, InlineRunner, retry_busy
+from ipc.sqlite_inline import WAL_PRAGMAS, Attempt, Checkpointer, InlineRunner, retry_busy
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -620,9 +620,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         if mode != "wal":
             raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode!r})")
         conn.execute("PRAGMA synchronous=FULL")
-        # Checkpoints run in the background (ipc.sqlite_inline.Checkpointer), not in a COMMIT.
-        conn.execute("PRAGMA wal_autocheckpoint=0")
-        conn.execute(f"PRAGMA {LIMIT_JOURNAL}")
+        for pragma in WAL_PRAGMAS:
+            conn.execute(f"PRAGMA {pragma}")
         conn.execute("BEGIN IMMEDIATE")
         for statement in _SCHEMA.split(";"):
             if statement.strip():

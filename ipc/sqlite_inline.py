@@ -61,8 +61,10 @@ RESTART_FRAMES: Final = 4096
 RESTART_WAIT: Final = 0.1
 #: Bytes a rewound log is cut back to (PRAGMA journal_size_limit).
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
-#: The pragma, for every connection to a file in WAL mode (the store and queue connections).
-LIMIT_JOURNAL: Final = f"journal_size_limit={JOURNAL_SIZE_LIMIT}"
+#: Run by every connection of ours to a file in WAL mode (store, queue, inline runner and
+#: checkpointer connections): no checkpoint inside a COMMIT (the Checkpointer does them),
+#: and a rewound log cut back to JOURNAL_SIZE_LIMIT.
+WAL_PRAGMAS: Final = ("wal_autocheckpoint=0", f"journal_size_limit={JOURNAL_SIZE_LIMIT}")
 
 _BUSY_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 #: A threaded transaction finding the database locked by another process tries again after
@@ -190,7 +192,8 @@ class Checkpointer:
             conn = self._conn = sqlite3.connect(
                 self._path, timeout=0, isolation_level=None, check_same_thread=False
             )
-            conn.execute(f"PRAGMA {LIMIT_JOURNAL}")
+            for pragma in WAL_PRAGMAS:
+                conn.execute(f"PRAGMA {pragma}")
         _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if frames < self._restart_frames:
             return int(frames)
@@ -233,13 +236,13 @@ class InlineRunner:
     ) -> InlineRunner:
         """Open the (existing) database file; blocking, so call it from a worker thread.
 
-        `pragmas` are run after ours (synchronous=NORMAL, no auto-checkpoint), e.g.
+        `pragmas` are run after ours (synchronous=NORMAL, WAL_PRAGMAS), e.g.
         "foreign_keys=ON". `checkpointer` is told of every commit.
         """
         # timeout=0: a locked database answers SQLITE_BUSY at once instead of blocking.
         conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
-            for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", LIMIT_JOURNAL, *pragmas):
+            for pragma in ("synchronous=NORMAL", *WAL_PRAGMAS, *pragmas):
                 conn.execute(f"PRAGMA {pragma}")
         except BaseException:
             conn.close()

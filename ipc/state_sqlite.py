@@ -21,7 +21,7 @@ import trio
 from ipc.errors import StoreUnavailableError
 from ipc.group_commit import GroupCommit
 from ipc.sqlite_inline import (
-    LIMIT_JOURNAL,
+    WAL_PRAGMAS,
     Attempt,
     Checkpointer,
     InlineRunner,
@@ -118,9 +118,8 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
         # NORMAL: in WAL mode a process crash (our failure model) loses nothing; only an OS
         # crash can drop the last commits, and FULL would fsync every hot-path write.
         conn.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints run in the background (ipc.sqlite_inline.Checkpointer), not in a COMMIT.
-        conn.execute("PRAGMA wal_autocheckpoint=0")
-        conn.execute(f"PRAGMA {LIMIT_JOURNAL}")
+        for pragma in WAL_PRAGMAS:
+            conn.execute(f"PRAGMA {pragma}")
         conn.execute("PRAGMA foreign_keys=ON")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version < SCHEMA_VERSION:

@@ -1,7 +1,8 @@
 """ipc/sqlite_inline.py: inline transactions give way to a lock held elsewhere, never
 checkpoint, roll back on errors; the Checkpointer copies the log into the database in the
 background every COMMITS_PER_CHECKPOINT commits (sooner when commits are large), rewinds it
-while other connections keep writing, and both embedded stores have one; and the
+while other connections keep writing, and both embedded stores have one; every connection
+leaves checkpoints to it and caps the log (WAL_PRAGMAS); and the
 embedded broker still settles, claims and counts (threaded) while another connection holds
 the write lock."""
 
@@ -18,10 +19,12 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
+from ipc import broker_sqlite, state_sqlite
 from ipc.broker_sqlite import SqliteBroker
 from ipc.names import Namespace
 from ipc.sqlite_inline import (
     COMMITS_PER_CHECKPOINT,
+    JOURNAL_SIZE_LIMIT,
     Checkpointer,
     InlineRunner,
     retry_busy,
@@ -285,6 +288,43 @@ async def test_checkpoints_come_sooner_when_commits_are_large(db: Path) -> None:
         assert checkpointer.every == every
     finally:
         runner.close()
+        await checkpointer.aclose()
+
+
+def _journal_pragmas(conn: sqlite3.Connection) -> tuple[int, int]:
+    return (
+        conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
+        conn.execute("PRAGMA journal_size_limit").fetchone()[0],
+    )
+
+
+@pytest.mark.parametrize(
+    "connect",
+    [
+        pytest.param(lambda path: state_sqlite._connect(path, 1.0), id="state store"),
+        pytest.param(broker_sqlite._connect, id="queue file"),
+        pytest.param(lambda path: InlineRunner.connect(path)._conn, id="inline runner"),
+    ],
+)
+def test_every_connection_leaves_checkpoints_to_the_checkpointer_and_caps_the_log(
+    db: Path, connect: Callable[[Path], sqlite3.Connection | None]
+) -> None:
+    conn = connect(db)
+    assert conn is not None
+    with closing(conn):
+        # SQLite's defaults are 1000 and -1 (no auto-checkpoint would be 0, no cap -1).
+        assert _journal_pragmas(conn) == (0, JOURNAL_SIZE_LIMIT)
+
+
+async def test_checkpointer_connection_caps_the_log(db: Path) -> None:
+    checkpointer = Checkpointer(db, every=1)
+    try:
+        checkpointer.committed()
+        await checkpointer.wait_idle()
+        assert checkpointer.done == 1
+        assert checkpointer._conn is not None
+        assert _journal_pragmas(checkpointer._conn) == (0, JOURNAL_SIZE_LIMIT)
+    finally:
         await checkpointer.aclose()
 
 
