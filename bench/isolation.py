@@ -91,6 +91,11 @@ class SteadyFigures:
     cpu_ms_per_msg_b: float = 0.0
     cpu_s_gateway: float = 0.0
     cpu_s_services: float = 0.0
+    #: Cache flushes the data directory's disk completed per second in the window (each
+    #: fdatasync asks for one, whoever's), and their mean time: B's durable accepts wait
+    #: for one each, so more of them or slower ones is the shared disk at work.
+    device_flushes_per_s: float = 0.0
+    device_flush_ms: float = 0.0
 
 
 @dataclass
@@ -128,14 +133,30 @@ def block_device(path: Path) -> str | None:
     return sys_dev.resolve().name if sys_dev.exists() else None
 
 
-def sectors_written(device: str) -> int | None:
-    """Sectors (512 bytes) written to `device` since boot (proc(5), /proc/diskstats)."""
+def disk_counters(device: str) -> list[int] | None:
+    """`device`'s line of /proc/diskstats: its counters since boot, from "reads completed"
+    on (Documentation/admin-guide/iostats.rst numbers them from 1)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/diskstats").read_text().splitlines():
             fields = line.split()
             if fields[2] == device:
-                return int(fields[9])
+                return [int(field) for field in fields[3:]]
     return None
+
+
+def sectors_written(device: str) -> int | None:
+    """Sectors (512 bytes) written to `device` since boot (field 7)."""
+    counters = disk_counters(device)
+    return counters[6] if counters else None
+
+
+def flushes(device: str | None) -> tuple[int, int] | None:
+    """Flush requests completed and milliseconds spent on them (fields 16 and 17, since
+    Linux 5.5); None without a device or those fields."""
+    counters = disk_counters(device) if device else None
+    if counters is None or len(counters) < 17:
+        return None
+    return counters[15], counters[16]
 
 
 @dataclass
@@ -313,6 +334,8 @@ class Rig:
     channel_b: str
     sender_b: SteadySender
     services: list[int]
+    #: The data directory's block device (None: tmpfs, Redis/RabbitMQ's own disks).
+    device: str | None = None
 
     def cpu(self) -> tuple[float, float, float, float]:
         """CPU seconds: B's process, A's process, the whole gateway, Redis/RabbitMQ."""
@@ -328,7 +351,9 @@ class Rig:
     async def steady_phase(self) -> SteadyFigures:
         args, sim = self.args, self.sim_b
         b0, _, gw0, svc0 = self.cpu()
+        flushed0 = flushes(self.device)
         start, end, texts = await self.sender_b.run(args.steady_rate, args.seconds)
+        flushed1 = flushes(self.device)
 
         accepted = [t for t in texts if t in self.sender_b.accepted_after]
         submitted_at: dict[bytes, float] = {}
@@ -346,6 +371,9 @@ class Rig:
             submitted_at[t] - self.sender_b.sent_at[t] for t in accepted if t in submitted_at
         ]
         accepts = [self.sender_b.accepted_after[t] for t in accepted]
+        flush_count = flush_ms = 0
+        if flushed0 is not None and flushed1 is not None:
+            flush_count, flush_ms = flushed1[0] - flushed0[0], flushed1[1] - flushed0[1]
         return SteadyFigures(
             sent=len(texts),
             refused=len(texts) - len(accepted),
@@ -359,6 +387,8 @@ class Rig:
             cpu_ms_per_msg_b=(b1 - b0) * 1000 / max(1, len(texts)),
             cpu_s_gateway=gw1 - gw0,
             cpu_s_services=svc1 - svc0,
+            device_flushes_per_s=flush_count / (end - start),
+            device_flush_ms=flush_ms / flush_count if flush_count else 0.0,
         )
 
     async def settle(self) -> bool:
@@ -505,6 +535,8 @@ ROWS: Final = (
     ("B process CPU per message (ms)", "cpu_ms_per_msg_b", "{:.2f}"),
     ("gateway CPU in the window (s)", "cpu_s_gateway", "{:.1f}"),
     ("Redis/RabbitMQ CPU in the window (s)", "cpu_s_services", "{:.1f}"),
+    ("disk flushes per second in the window", "device_flushes_per_s", "{:.0f}"),
+    ("disk flush mean time (ms)", "device_flush_ms", "{:.2f}"),
     ("B refused / never submitted", None, ""),
 )
 
@@ -569,6 +601,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     channel_b,
                     SteadySender(client, target, "b"),
                     service_pids(names),
+                    block_device(settings.data_dir) if settings.data_dir.exists() else None,
                 )
                 print(
                     f"isolation[{args.backend}]: B at {args.steady_rate:g}/s for "
