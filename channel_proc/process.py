@@ -25,7 +25,7 @@ from channel_proc.forwarder import Forwarder, Routes
 from channel_proc.link import QueueLink
 from channel_proc.metrics import RuntimeSnapshots, SendRate, link_up_from
 from channel_proc.outbound import OutboundActor, RateLimiter
-from channel_proc.priority import BACKLOG_WRITE_LINGER, BacklogPriority
+from channel_proc.priority import BACKLOG_QUEUE_LINGER, BACKLOG_WRITE_LINGER, BacklogPriority
 from channel_proc.routers.actor import RouterActor
 from channel_proc.routers.destination import DestinationForwarder
 from channel_proc.status import MAILBOX_SIZE, run_status_actor
@@ -192,9 +192,6 @@ async def run_channel_process(
         if watch_process:
             await infra.start(watch_signals, shutdown)
             infra.start_soon(watch_parent, shutdown)
-            # Told the outbound depth by the runtime snapshots, which read it anyway (below).
-            priority = BacklogPriority(on_change=partial(_linger_in_backlog, store, broker))
-            infra.start_soon(priority.run)
         await infra.start(
             partial(
                 run_status_actor,
@@ -227,6 +224,10 @@ async def run_channel_process(
             store=store,
             record_ttl=settings.outbound_message_ttl,
         )
+        if watch_process:
+            # Told the outbound depth by the runtime snapshots, which read it anyway (below).
+            priority = BacklogPriority(on_change=partial(_on_backlog, store, broker, outbound))
+            infra.start_soon(priority.run)
         snapshots = RuntimeSnapshots(
             store=store,
             broker=broker,
@@ -275,14 +276,16 @@ async def run_channel_process(
         infra.cancel_scope.cancel()
 
 
-def _linger_in_backlog(store: StateStore, broker: Broker, backlog: bool) -> None:
-    """While draining a backlog, the process's writes wait BACKLOG_WRITE_LINGER for others to
-    commit with: the store's write lock and the queue's (which every process shares) are
-    taken a few hundred times a second instead of thousands, so the other channels' writes
-    seldom find them held."""
-    seconds = BACKLOG_WRITE_LINGER if backlog else 0.0
-    store.set_write_linger(seconds)
-    broker.set_write_linger(seconds)
+def _on_backlog(store: StateStore, broker: Broker, outbound: OutboundActor, backlog: bool) -> None:
+    """While draining a backlog, the process's writes wait for others to commit with: the
+    store's write lock (which every process shares) is taken a few hundred times a second
+    instead of thousands, and the queue file is synced less often. Its queue writes wait
+    longer (BACKLOG_QUEUE_LINGER) when the transport's answered sends leave the window
+    before their event and ack, and the outbound consumer then holds more of them."""
+    store.set_write_linger(BACKLOG_WRITE_LINGER if backlog else 0.0)
+    queue_linger = BACKLOG_QUEUE_LINGER if outbound.answered_leave_window else BACKLOG_WRITE_LINGER
+    broker.set_write_linger(queue_linger if backlog else 0.0)
+    outbound.set_backlog(backlog)
 
 
 def _consumers(

@@ -4,7 +4,8 @@ a gated fake for the window (sends in flight at once), and the smpp transport + 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, ClassVar
+from functools import partial
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import pytest
 import trio
@@ -12,6 +13,9 @@ import trio.testing
 
 from channel_proc.deadletter import dead_letter_queue
 from channel_proc.lifecycle import Shutdown
+from channel_proc.outbound import BACKLOG_PREFETCH, OUTBOUND_PREFETCH, OutboundActor
+from channel_proc.priority import BACKLOG_QUEUE_LINGER, BACKLOG_WRITE_LINGER
+from channel_proc.process import _on_backlog
 from channel_proc.transports.base import SendReceipt
 from channel_proc.transports.errors import ConnectionFailed, ProviderRejected, SendError
 from channel_proc.transports.smpp import SmppConfig, SmppTransport
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 
     from ipc.broker import Consumer
     from ipc.names import Namespace
+    from ipc.state import StateStore
 
 
 class FlakyTransport(FakeProvider):
@@ -289,6 +294,143 @@ async def test_an_answered_send_frees_its_place_before_its_event_only_if_redeliv
         events = await read_events(broker, namespace, channel_id, 2)
         await wait_for_length(broker, namespace.outbound_queue(channel_id), 0)
     assert [event.user_message_id for event in events] == [ids["one"], ids["two"]]
+
+
+class DedupingAnsweringTransport(FakeProvider):
+    """Answers every send at once, as SMPP's ledger-backed transport may (window 1)."""
+
+    kind: ClassVar[str] = "deduping-answering"
+    dedupes_redeliveries = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    async def send(self, msg: VumiMessage) -> SendReceipt:
+        self.sent.append(msg.content or "")
+        return SendReceipt(provider_message_id=f"p-{msg.content}")
+
+
+@pytest.mark.parametrize(
+    ("transport", "normal", "backlog"),
+    [
+        # Answered sends leave the window: room for them too, and many more in a backlog.
+        (DedupingAnsweringTransport(), 2 * 1 + OUTBOUND_PREFETCH, 2 + OUTBOUND_PREFETCH + 256),
+        # They hold their place until acked: a backlog changes nothing.
+        (GatedTransport(window=3), 3 + OUTBOUND_PREFETCH, 3 + OUTBOUND_PREFETCH),
+    ],
+    ids=["answered leave the window", "answered hold their place"],
+)
+async def test_prefetch_grows_in_a_backlog_only_where_answered_sends_leave_the_window(
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    transport: FakeProvider,
+    normal: int,
+    backlog: int,
+) -> None:
+    actor = OutboundActor(
+        broker=broker,
+        namespace=namespace,
+        channel_id=channel_id,
+        transport=transport,
+        shutdown=Shutdown(grace=1.0),
+    )
+    assert BACKLOG_PREFETCH == 256
+    assert actor.prefetch == normal
+    actor.set_backlog(True)
+    assert actor.prefetch == backlog
+    actor.set_backlog(False)
+    assert actor.prefetch == normal
+
+
+class LingerRecorder:
+    """Stands in for the store and the broker: records set_write_linger."""
+
+    def __init__(self) -> None:
+        self.lingers: list[float] = []
+
+    def set_write_linger(self, seconds: float) -> None:
+        self.lingers.append(seconds)
+
+
+@pytest.mark.parametrize(
+    ("transport", "queue_linger"),
+    [
+        (DedupingAnsweringTransport(), BACKLOG_QUEUE_LINGER),
+        # Its window waits for the event publish and the ack: they wait no longer than the
+        # store's writes.
+        (GatedTransport(window=3), BACKLOG_WRITE_LINGER),
+    ],
+    ids=["answered leave the window", "answered hold their place"],
+)
+async def test_a_backlog_makes_the_process_writes_wait_and_its_consumer_hold_more(
+    broker: Broker,
+    namespace: Namespace,
+    channel_id: str,
+    transport: FakeProvider,
+    queue_linger: float,
+) -> None:
+    actor = OutboundActor(
+        broker=broker,
+        namespace=namespace,
+        channel_id=channel_id,
+        transport=transport,
+        shutdown=Shutdown(grace=1.0),
+    )
+    normal = actor.prefetch
+    store, queues = LingerRecorder(), LingerRecorder()
+    on_backlog = partial(_on_backlog, cast("StateStore", store), cast("Broker", queues), actor)
+    on_backlog(True)
+    assert (store.lingers, queues.lingers) == ([BACKLOG_WRITE_LINGER], [queue_linger])
+    assert actor.prefetch == normal + (BACKLOG_PREFETCH if transport.dedupes_redeliveries else 0)
+    on_backlog(False)
+    assert (store.lingers[-1], queues.lingers[-1], actor.prefetch) == (0.0, 0.0, normal)
+
+
+async def test_a_backlog_lets_more_answered_sends_wait_for_their_events(
+    broker: Broker, namespace: Namespace, channel_id: str
+) -> None:
+    """While the channel drains a backlog its queue writes wait longer to be batched
+    (channel_proc.process), and answered sends that left the window wait for their event and
+    ack meanwhile: the consumer is reopened to hold BACKLOG_PREFETCH more of them when the
+    backlog starts, and reopened as before when it ends; every message is sent once, in
+    queue order. Every event publish is held here, so the sends stop once all the consumer
+    may hold is answered."""
+    normal = 2 * 1 + OUTBOUND_PREFETCH
+    contents = [f"m{n:03d}" for n in range(2 * normal + BACKLOG_PREFETCH + 20)]
+    await publish_contents(broker, namespace, channel_id, contents)
+    held = HeldEventsBroker(broker, namespace.event_queue(channel_id))
+    transport = DedupingAnsweringTransport()
+
+    async def sends_stop_at(count: int) -> None:
+        async def reached() -> bool:
+            return len(transport.sent) >= count
+
+        with trio.fail_after(WAIT):
+            await wait_for(reached)
+        # Long enough for a delivery beyond the prefetch to be sent, were there one.
+        await trio.sleep(0.3)
+        assert len(transport.sent) == count
+
+    def release_held_and_hold_again() -> None:
+        released, held.release = held.release, trio.Event()
+        released.set()
+
+    async with running_outbound(held, namespace, channel_id, transport) as running:
+        await sends_stop_at(normal)
+        running.actor.set_backlog(True)
+        # The held ones are acked; the next delivery finds the prefetch changed, goes back,
+        # and the reopened consumer holds the larger prefetch.
+        release_held_and_hold_again()
+        await sends_stop_at(normal + normal + BACKLOG_PREFETCH)
+        running.actor.set_backlog(False)
+        release_held_and_hold_again()
+        await sends_stop_at(2 * normal + BACKLOG_PREFETCH + normal)
+        held.release.set()
+        await read_events(broker, namespace, channel_id, len(contents))
+        await wait_for_length(broker, namespace.outbound_queue(channel_id), 0)
+    assert transport.sent == contents
 
 
 async def test_window_retries_failed_sends_in_order_before_newer_ones(
