@@ -59,7 +59,7 @@ BACKLOG_NICE: Final = 10
 BACKLOG_WRITE_LINGER: Final = 0.010
 #: ...and its queue writes (event publishes, acks) when they are out of the window: each
 #: publish syncs the queue file, and the disk's flushes are what the other channels' durable
-#: accepts wait for (measured: its extra flushes fell from ~55 to ~14/s).
+#: accepts wait for (measured: its extra flushes fell from 33-58 to 12-17/s).
 BACKLOG_QUEUE_LINGER: Final = 0.050
 #: CAP_SYS_NICE's bit in /proc/self/status CapEff.
 CAP_SYS_NICE: Final = 23
