@@ -198,7 +198,7 @@ class SyncFigures:
     """The data directory's disk on its own, before the gateway starts: a 4 KB write and its
     fdatasync every SYNC_PROBE_INTERVAL (about the rate B's accepts sync at), timed. B's p99
     cannot be steadier than the disk's own: on a shared virtual disk single syncs were seen
-    to take 50-360 ms with nothing else running, a dozen times a minute."""
+    to take up to 545 ms with nothing else running, and over 20 ms a dozen times a minute."""
 
     syncs: int = 0
     p50_ms: float = 0.0

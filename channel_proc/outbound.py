@@ -75,7 +75,8 @@ log = logging.getLogger(__name__)
 JsonObject = dict[str, Any]
 
 #: Deliveries prefetched beyond the sends in flight: hides broker latency, while a message
-#: of higher priority published later still overtakes everything but these few.
+#: of higher priority published later still overtakes everything but these few (and, during
+#: a backlog, the BACKLOG_PREFETCH more).
 OUTBOUND_PREFETCH: Final = 8
 #: More deliveries held while draining a backlog, when answered sends leave the window: each
 #: answered message then waits up to BACKLOG_QUEUE_LINGER for its event's publish and again

@@ -315,7 +315,11 @@ class DedupingAnsweringTransport(FakeProvider):
     ("transport", "normal", "backlog"),
     [
         # Answered sends leave the window: room for them too, and many more in a backlog.
-        (DedupingAnsweringTransport(), 2 * 1 + OUTBOUND_PREFETCH, 2 + OUTBOUND_PREFETCH + 256),
+        (
+            DedupingAnsweringTransport(),
+            2 * 1 + OUTBOUND_PREFETCH,
+            2 * 1 + OUTBOUND_PREFETCH + BACKLOG_PREFETCH,
+        ),
         # They hold their place until acked: a backlog changes nothing.
         (GatedTransport(window=3), 3 + OUTBOUND_PREFETCH, 3 + OUTBOUND_PREFETCH),
     ],
@@ -336,7 +340,6 @@ async def test_prefetch_grows_in_a_backlog_only_where_answered_sends_leave_the_w
         transport=transport,
         shutdown=Shutdown(grace=1.0),
     )
-    assert BACKLOG_PREFETCH == 256
     assert actor.prefetch == normal
     actor.set_backlog(True)
     assert actor.prefetch == backlog
