@@ -311,42 +311,6 @@ class DedupingAnsweringTransport(FakeProvider):
         return SendReceipt(provider_message_id=f"p-{msg.content}")
 
 
-@pytest.mark.parametrize(
-    ("transport", "normal", "backlog"),
-    [
-        # Answered sends leave the window: room for them too, and many more in a backlog.
-        (
-            DedupingAnsweringTransport(),
-            2 * 1 + OUTBOUND_PREFETCH,
-            2 * 1 + OUTBOUND_PREFETCH + BACKLOG_PREFETCH,
-        ),
-        # They hold their place until acked: a backlog changes nothing.
-        (GatedTransport(window=3), 3 + OUTBOUND_PREFETCH, 3 + OUTBOUND_PREFETCH),
-    ],
-    ids=["answered leave the window", "answered hold their place"],
-)
-async def test_prefetch_grows_in_a_backlog_only_where_answered_sends_leave_the_window(
-    broker: Broker,
-    namespace: Namespace,
-    channel_id: str,
-    transport: FakeProvider,
-    normal: int,
-    backlog: int,
-) -> None:
-    actor = OutboundActor(
-        broker=broker,
-        namespace=namespace,
-        channel_id=channel_id,
-        transport=transport,
-        shutdown=Shutdown(grace=1.0),
-    )
-    assert actor.prefetch == normal
-    actor.set_backlog(True)
-    assert actor.prefetch == backlog
-    actor.set_backlog(False)
-    assert actor.prefetch == normal
-
-
 class LingerRecorder:
     """Stands in for the store and the broker: records set_write_linger."""
 
@@ -358,12 +322,24 @@ class LingerRecorder:
 
 
 @pytest.mark.parametrize(
-    ("transport", "queue_linger"),
+    ("transport", "queue_linger", "normal", "backlog"),
     [
-        (DedupingAnsweringTransport(), BACKLOG_QUEUE_LINGER),
-        # Its window waits for the event publish and the ack: they wait no longer than the
-        # store's writes.
-        (GatedTransport(window=3), BACKLOG_WRITE_LINGER),
+        # Answered sends leave the window: room for them too, and many more in a backlog,
+        # whose event publishes and acks wait longer.
+        (
+            DedupingAnsweringTransport(),
+            BACKLOG_QUEUE_LINGER,
+            2 * 1 + OUTBOUND_PREFETCH,
+            2 * 1 + OUTBOUND_PREFETCH + BACKLOG_PREFETCH,
+        ),
+        # They hold their window place until acked: their queue writes wait no longer than
+        # the store's, and the prefetch stays.
+        (
+            GatedTransport(window=3),
+            BACKLOG_WRITE_LINGER,
+            3 + OUTBOUND_PREFETCH,
+            3 + OUTBOUND_PREFETCH,
+        ),
     ],
     ids=["answered leave the window", "answered hold their place"],
 )
@@ -373,6 +349,8 @@ async def test_a_backlog_makes_the_process_writes_wait_and_its_consumer_hold_mor
     channel_id: str,
     transport: FakeProvider,
     queue_linger: float,
+    normal: int,
+    backlog: int,
 ) -> None:
     actor = OutboundActor(
         broker=broker,
@@ -381,12 +359,15 @@ async def test_a_backlog_makes_the_process_writes_wait_and_its_consumer_hold_mor
         transport=transport,
         shutdown=Shutdown(grace=1.0),
     )
-    normal = actor.prefetch
+    assert actor.prefetch == normal
     store, queues = LingerRecorder(), LingerRecorder()
     on_backlog = partial(_on_backlog, cast("StateStore", store), cast("Broker", queues), actor)
     on_backlog(True)
-    assert (store.lingers, queues.lingers) == ([BACKLOG_WRITE_LINGER], [queue_linger])
-    assert actor.prefetch == normal + (BACKLOG_PREFETCH if transport.dedupes_redeliveries else 0)
+    assert (store.lingers, queues.lingers, actor.prefetch) == (
+        [BACKLOG_WRITE_LINGER],
+        [queue_linger],
+        backlog,
+    )
     on_backlog(False)
     assert (store.lingers[-1], queues.lingers[-1], actor.prefetch) == (0.0, 0.0, normal)
 
