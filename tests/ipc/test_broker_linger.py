@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+import trio.testing
 
 from ipc import broker_sqlite
 from ipc.broker_sqlite import SqliteBroker
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from ipc.broker import Delivery
 
 LINGER = 0.2
-SPACING = 0.01
 
 
 @pytest.fixture
@@ -59,7 +59,10 @@ async def test_writes_within_the_linger_share_a_transaction(
     async with trio.open_nursery() as nursery:
         for n in range(5):
             nursery.start_soon(broker.publish, "q", b"%d" % n)
-            await trio.sleep(SPACING)
+            # Each starts once the one before waits in the linger: one after the other,
+            # well within it however loaded the machine (10 ms sleeps between them were
+            # once stretched past the 200 ms in CI, and the fifth missed the batch).
+            await trio.testing.wait_all_tasks_blocked()
     assert batches == [5]
     assert await broker.queue_length("q") == 5
 
@@ -69,7 +72,7 @@ async def test_writes_within_the_linger_share_a_transaction(
         async with trio.open_nursery() as nursery:
             for delivery in deliveries:
                 nursery.start_soon(consumer.ack, delivery)
-                await trio.sleep(SPACING)
+                await trio.testing.wait_all_tasks_blocked()
     # The five acks in one transaction (claims may have gone inline or in their own).
     assert 5 in batches
     assert sorted(d.body for d in deliveries) == [b"%d" % n for n in range(5)]
