@@ -165,10 +165,12 @@ class DiskWatch:
     without bound under a flood before the checkpoints rewound them: worth watching)."""
 
     data_dir: Path
+    #: Its block device (None: none, e.g. tmpfs).
+    device: str | None
     figures: DiskFigures = field(default_factory=DiskFigures)
 
     async def run(self) -> None:
-        device = block_device(self.data_dir) if self.data_dir.exists() else None
+        device = self.device
         start = sectors_written(device) if device else None
         try:
             while True:
@@ -591,6 +593,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 target = f"{gateway.base_url}/channels/{channel_b}/messages/"
                 names = ("redis-server", "beam.smp") if args.backend == "redis" else ()
+                data_dir = settings.data_dir
+                device = block_device(data_dir) if data_dir.exists() else None
                 rig = Rig(
                     args,
                     gateway,
@@ -601,7 +605,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     channel_b,
                     SteadySender(client, target, "b"),
                     service_pids(names),
-                    block_device(settings.data_dir) if settings.data_dir.exists() else None,
+                    device,
                 )
                 print(
                     f"isolation[{args.backend}]: B at {args.steady_rate:g}/s for "
@@ -613,7 +617,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 if args.pin_flooded:
                     pinned = pin_flooded(channel_a, sim_a)
                     print(f"pinned: {pinned}")
-                disk = DiskWatch(settings.data_dir)
+                disk = DiskWatch(data_dir, device)
                 async with trio.open_nursery() as watching:
                     watching.start_soon(disk.run)
                     await SteadySender(client, target, "warm").run(WARMUP, 1.0)

@@ -246,11 +246,16 @@ class OutboundActor:
         return self._transport.dedupes_redeliveries
 
     @property
+    def window_size(self) -> int:
+        """Sends in flight at once."""
+        return max(1, self._transport.max_in_flight)
+
+    @property
     def prefetch(self) -> int:
         """Deliveries the consumer may hold: room for a window of sends (and as many answered
         ones awaiting their event and ack, when those are out of the window), a few ready,
         and BACKLOG_PREFETCH more answered ones while draining a backlog."""
-        size = max(1, self._transport.max_in_flight)
+        size = self.window_size
         if not self.answered_leave_window:
             return size + OUTBOUND_PREFETCH
         return 2 * size + OUTBOUND_PREFETCH + (BACKLOG_PREFETCH if self._backlog else 0)
@@ -273,7 +278,6 @@ class OutboundActor:
         While paused the consumer is closed, so that nothing sits prefetched: every message
         stays in the queue (and its length says so) until resumed.
         """
-        size = max(1, self._transport.max_in_flight)
         await self._broker.declare_queue(self._queue, max_priority=MAX_PRIORITY)
         started = False
         while not self._shutdown.requested:
@@ -283,7 +287,7 @@ class OutboundActor:
                     started = True
                 await self._shutdown.sleep(REFRESH_INTERVAL)
                 continue
-            window = _Window(size)
+            window = _Window(self.window_size)
             self._open_prefetch = self.prefetch
             async with self._broker.consume(self._queue, prefetch=self._open_prefetch) as consumer:
                 if not started:
