@@ -20,7 +20,8 @@ and every flooded message seen at its SMSC (lost and duplicated counted) after t
 Over the whole run, on the embedded backend: the largest the state file's and a queue file's
 write-ahead logs got, and what the machine wrote to the data directory's disk. Before the
 gateway starts, `--sync-probe` seconds of timing that disk's syncs alone (SyncFigures): B's p99
-is no steadier than they are.
+is no steadier than they are. Before and after the run, the speed of a fixed Python loop, and
+in each window the CPU the hypervisor took (bench.machine), and what A's simulator used.
 
 Phase C: once A has drained, its events are forwarded and the gateway is quiet again, B
 alone again. Consecutive alone windows differ by themselves (control runs with
@@ -51,6 +52,7 @@ import trio
 
 from bench.broker import git_commit, machine
 from bench.cli import add_service_args, check_ranges, run_main
+from bench.machine import cpu_ticks, loop_ms, stolen_percent
 from bench.recovery import settings_for
 from bench.smpp_load import Request, cpu_seconds, process_tree, send_all, service_pids
 from bench.smsc_sim import POLL_INTERVAL, SimulatorProcess
@@ -96,6 +98,12 @@ class SteadyFigures:
     #: for one each, so more of them or slower ones is the shared disk at work.
     device_flushes_per_s: float = 0.0
     device_flush_ms: float = 0.0
+    #: CPU seconds of A's simulator in the window: a far end that a real deployment would
+    #: not have on the gateway's cores.
+    cpu_s_sim_a: float = 0.0
+    #: The machine's CPU taken by the hypervisor in the window (bench.machine); None where
+    #: the kernel does not say.
+    stolen_percent: float | None = None
 
 
 @dataclass
@@ -353,9 +361,11 @@ class Rig:
     async def steady_phase(self) -> SteadyFigures:
         args, sim = self.args, self.sim_b
         b0, _, gw0, svc0 = self.cpu()
+        sim_a0, ticks0 = cpu_seconds([self.sim_a.pid]), cpu_ticks()
         flushed0 = flushes(self.device)
         start, end, texts = await self.sender_b.run(args.steady_rate, args.seconds)
         flushed1 = flushes(self.device)
+        sim_a1, ticks1 = cpu_seconds([self.sim_a.pid]), cpu_ticks()
 
         accepted = [t for t in texts if t in self.sender_b.accepted_after]
         submitted_at: dict[bytes, float] = {}
@@ -391,6 +401,8 @@ class Rig:
             cpu_s_services=svc1 - svc0,
             device_flushes_per_s=flush_count / (end - start),
             device_flush_ms=flush_ms / flush_count if flush_count else 0.0,
+            cpu_s_sim_a=sim_a1 - sim_a0,
+            stolen_percent=stolen_percent(ticks0, ticks1),
         )
 
     async def settle(self) -> bool:
@@ -514,7 +526,7 @@ def bracket(before: SteadyFigures, after: SteadyFigures) -> SteadyFigures:
     mean = {
         key: (getattr(before, key) + getattr(after, key)) / 2
         for key, value in asdict(before).items()
-        if isinstance(value, float)
+        if isinstance(value, float) and isinstance(getattr(after, key), float)
     }
     return replace(before, **mean)
 
@@ -539,6 +551,8 @@ ROWS: Final = (
     ("Redis/RabbitMQ CPU in the window (s)", "cpu_s_services", "{:.1f}"),
     ("disk flushes per second in the window", "device_flushes_per_s", "{:.0f}"),
     ("disk flush mean time (ms)", "device_flush_ms", "{:.2f}"),
+    ("A's simulator CPU in the window (s)", "cpu_s_sim_a", "{:.1f}"),
+    ("CPU stolen by the hypervisor (%)", "stolen_percent", "{:.1f}"),
     ("B refused / never submitted", None, ""),
 )
 
@@ -555,10 +569,13 @@ def table(
             cells = [f"{f.refused}/{f.never_submitted}" for f in (before, loaded, after)]
             lines.append(f"{label:38}{cells[0]:>10}{cells[1]:>11}{cells[2]:>10}")
             continue
-        a, b, c = getattr(before, key), getattr(loaded, key), getattr(after, key)
-        mean = getattr(alone, key)
-        ratio = f"{b / mean:>8.2f}" if mean else ""
-        lines.append(f"{label:38}{fmt.format(a):>10}{fmt.format(b):>11}{fmt.format(c):>10}{ratio}")
+        a, b, c = (
+            "-" if v is None else fmt.format(v)
+            for v in (getattr(f, key) for f in (before, loaded, after))
+        )
+        mean, flooded = getattr(alone, key), getattr(loaded, key)
+        ratio = f"{flooded / mean:>8.2f}" if mean and flooded is not None else ""
+        lines.append(f"{label:38}{a:>10}{b:>11}{c:>10}{ratio}")
     lines.append(
         f"A: {flood.messages} queued via {flood.via} at {flood.queue_rate:.0f}/s; drained at "
         f"{flood.drain_rate:.0f}/s ({flood.cpu_ms_per_msg_a:.2f} ms CPU each); "
@@ -573,6 +590,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     sim_a, sim_b = SimulatorProcess(), SimulatorProcess(timed=True)
     with tempfile.TemporaryDirectory(prefix="jb-isolation-") as tmp:
         settings = settings_for(args.backend, Path(tmp), args)
+        speed_before = loop_ms()
         syncs = SyncFigures()
         if args.sync_probe:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -649,6 +667,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             f"{syncs.p50_ms:.1f} ms, p99 {syncs.p99_ms:.1f} ms, max {syncs.max_ms:.0f} ms, "
             f"{syncs.slow} over {SLOW_SYNC * 1000:.0f} ms"
         )
+    speed_after = loop_ms()
+    print(
+        f"the machine's speed (bench.machine's loop, lower is faster): {speed_before:.0f} ms "
+        f"before the run, {speed_after:.0f} ms after"
+    )
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
     return {
@@ -667,6 +690,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "a_flood": asdict(flood),
         "disk": asdict(disk.figures),
         "disk_syncs_alone": asdict(syncs),
+        "loop_ms_before": speed_before,
+        "loop_ms_after": speed_after,
         "within_10_percent": verdict,
         "git_commit": git_commit(),
         "machine": machine(),

@@ -35,6 +35,7 @@ import trio
 
 from bench.broker import git_commit, machine
 from bench.cli import add_service_args, check_ranges, run_main
+from bench.machine import cpu_ticks, loop_ms, stolen_percent
 from bench.smsc_sim import SmscSimulator
 from bench.ussd_roundtrip import settings_for
 from ipc.broker import MAX_PRIORITY, open_broker
@@ -376,6 +377,10 @@ class Figures:
     direct_rate: float = 0.0
     #: CPU ms per MT message (MT phase) by process kind, services included.
     cpu_ms_per_mt_by_process: dict[str, float] = field(default_factory=dict)
+    #: The machine's CPU the hypervisor took in the MT and MO phases (bench.machine); None
+    #: where the kernel does not say.
+    stolen_percent_mt: float | None = None
+    stolen_percent_mo: float | None = None
 
 
 def percentile(values: list[float], pct: int) -> float:
@@ -428,6 +433,7 @@ class Workload:
         gc.freeze()
         cpu0, svc0 = watch.cpu()
         roles0 = watch.roles()
+        ticks0 = cpu_ticks()
         own0 = sum(os.times()[:2])
         started = time.perf_counter()
         await send_all(self.port, requests, args.concurrency, latencies)
@@ -448,6 +454,7 @@ class Workload:
             lambda: wait_count(sink, "submitted", args.messages),
         )
         cpu1, svc1 = watch.cpu()
+        figures.stolen_percent_mt = stolen_percent(ticks0, cpu_ticks())
         figures.bench_cpu_ms_per_mt = (sum(os.times()[:2]) - own0) * 1000 / args.messages
         roles = watch.roles()
         figures.cpu_ms_per_mt_by_process = {
@@ -472,6 +479,7 @@ class Workload:
         figures.lost_dlrs = max(0, args.messages - len(sink.ids.get("delivery_succeeded", {})))
         if args.mo:
             cpu0, svc0 = watch.cpu()
+            ticks0 = cpu_ticks()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sim.flood_mo, args.mo)
                 await bounded(
@@ -479,6 +487,7 @@ class Workload:
                 )
                 nursery.cancel_scope.cancel()
             cpu1, svc1 = watch.cpu()
+            figures.stolen_percent_mo = stolen_percent(ticks0, cpu_ticks())
             figures.mo_delivered = sink.counts["mo"]
             if stats.mo_acked:
                 figures.mo_ack_rate = stats.mo_acked / (stats.last_mo_ack - stats.first_mo)
@@ -768,6 +777,8 @@ ROWS: Final = (
     ("  + Redis/RabbitMQ CPU per MO (ms)", "service_cpu_ms_per_mo", "{:.2f}"),
     ("peak RSS, all processes (MB)", "peak_rss_mb", "{:.0f}"),
     ("load tools' CPU per MT (ms)", "bench_cpu_ms_per_mt", "{:.2f}"),
+    ("CPU stolen by the hypervisor, MT (%)", "stolen_percent_mt", "{:.1f}"),
+    ("CPU stolen by the hypervisor, MO (%)", "stolen_percent_mo", "{:.1f}"),
     ("lost / duplicate submit_sm", None, ""),
     ("lost delivery reports / MO", None, ""),
 )
@@ -794,14 +805,18 @@ def table(junebug: Figures, kannel: Figures | None) -> str:
             lines.append(f"{label:38}" + "".join(f"{c:>12}" for c in cells))
             continue
         ours = getattr(junebug, key)
-        row = f"{label:38}{fmt.format(ours):>12}"
+        row = f"{label:38}{_cell(fmt, ours):>12}"
         if kannel is not None:
             theirs = getattr(kannel, key)
-            row += f"{fmt.format(theirs):>12}"
+            row += f"{_cell(fmt, theirs):>12}"
             if key in RATIO_KEYS and theirs:
                 row += f"{ours / theirs:>8.2f}"
         lines.append(row)
     return "\n".join(lines)
+
+
+def _cell(fmt: str, value: float | None) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def ratios(junebug: Figures, kannel: Figures) -> dict[str, float | None]:
@@ -815,6 +830,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     sim = SmscSimulator(mo_window=args.mo_window)
     sink = Sink()
     binaries = None if args.no_kannel else kannel_binaries()
+    speed_before = loop_ms()
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve)
         await nursery.start(sink.serve)
@@ -838,6 +854,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 f"{k} {v:.2f}" for k, v in sorted(figures.cpu_ms_per_mt_by_process.items())
             )
             print(f"CPU ms per MT by process ({name}): {parts}")
+    speed_after = loop_ms()
+    print(
+        f"the machine's speed (bench.machine's loop, lower is faster): {speed_before:.0f} ms "
+        f"before the run, {speed_after:.0f} ms after"
+    )
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
         f"targets: e2e and MO rates >= Kannel's at the same window; accept p99 < "
@@ -859,6 +880,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         # Other work on the machine skews every figure: the 1-minute load at the end.
         "load_average_1m": os.getloadavg()[0],
+        "loop_ms_before": speed_before,
+        "loop_ms_after": speed_after,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
