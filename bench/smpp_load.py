@@ -132,6 +132,22 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size: each shared page (the interpreter, libraries) counted once
+    across the processes that map it, where RSS counts it in every one of them."""
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
 def service_pids(names: tuple[str, ...]) -> list[int]:
     """Backend services (redis-server, RabbitMQ's beam.smp) by command name."""
     pids = []
@@ -153,6 +169,7 @@ class Watch:
     roots: list[int]
     services: list[int] = field(default_factory=list)
     peak_rss: int = 0
+    peak_pss: int = 0
 
     def pids(self) -> list[int]:
         return process_tree(self.roots)
@@ -171,6 +188,7 @@ class Watch:
                 pids = self.pids()
                 refresh_at = trio.current_time() + TREE_REFRESH_INTERVAL
             self.peak_rss = max(self.peak_rss, rss_bytes(pids))
+            self.peak_pss = max(self.peak_pss, pss_bytes(pids))
             await trio.sleep(RSS_SAMPLE_INTERVAL)
 
 
@@ -367,6 +385,7 @@ class Figures:
     service_cpu_ms_per_mt: float = 0.0
     service_cpu_ms_per_mo: float = 0.0
     peak_rss_mb: float = 0.0
+    peak_pss_mb: float = 0.0
     lost_submits: int = 0
     duplicate_submits: int = 0
     lost_dlrs: int = 0
@@ -381,6 +400,9 @@ class Figures:
     #: where the kernel does not say.
     stolen_percent_mt: float | None = None
     stolen_percent_mo: float | None = None
+    #: bench.machine's loop just before this side ran: the two sides of a ratio run one
+    #: after the other, and the machine's speed can change between them.
+    loop_ms_before: float = 0.0
 
 
 def percentile(values: list[float], pct: int) -> float:
@@ -497,6 +519,7 @@ class Workload:
             figures.service_cpu_ms_per_mo = (svc1 - svc0) * 1000 / args.mo
             figures.lost_mo = args.mo - len(sink.ids.get("mo", {}))
         figures.peak_rss_mb = watch.peak_rss / 2**20
+        figures.peak_pss_mb = watch.peak_pss / 2**20
         return figures
 
 
@@ -776,9 +799,11 @@ ROWS: Final = (
     ("CPU per MO (ms)", "cpu_ms_per_mo", "{:.2f}"),
     ("  + Redis/RabbitMQ CPU per MO (ms)", "service_cpu_ms_per_mo", "{:.2f}"),
     ("peak RSS, all processes (MB)", "peak_rss_mb", "{:.0f}"),
+    ("  peak PSS (shared pages once) (MB)", "peak_pss_mb", "{:.0f}"),
     ("load tools' CPU per MT (ms)", "bench_cpu_ms_per_mt", "{:.2f}"),
     ("CPU stolen by the hypervisor, MT (%)", "stolen_percent_mt", "{:.1f}"),
     ("CPU stolen by the hypervisor, MO (%)", "stolen_percent_mo", "{:.1f}"),
+    ("machine speed: loop before (ms)", "loop_ms_before", "{:.0f}"),
     ("lost / duplicate submit_sm", None, ""),
     ("lost delivery reports / MO", None, ""),
 )
@@ -791,6 +816,7 @@ RATIO_KEYS: Final = (
     "cpu_ms_per_mt",
     "cpu_ms_per_mo",
     "peak_rss_mb",
+    "peak_pss_mb",
 )
 
 
@@ -830,7 +856,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     sim = SmscSimulator(mo_window=args.mo_window)
     sink = Sink()
     binaries = None if args.no_kannel else kannel_binaries()
-    speed_before = loop_ms()
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve)
         await nursery.start(sink.serve)
@@ -838,12 +863,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             f"smpp_load[{args.backend}]: {args.messages} MT at concurrency {args.concurrency}, "
             f"window {args.window}, {args.mo} MO, {args.api_workers} API worker(s)"
         )
+        speed = loop_ms()
         junebug = Figures() if args.kannel_only else await run_junebug(args, sim, sink)
+        junebug.loop_ms_before = speed
         kannel = None
         if binaries is not None:
             sim.stats.reset()
             sink.reset()
+            speed = loop_ms()
             kannel = await run_kannel(args, sim, sink, binaries)
+            kannel.loop_ms_before = speed
         elif not args.no_kannel:
             print("  (Kannel is not installed: apt-get install kannel to compare)")
         nursery.cancel_scope.cancel()
@@ -855,10 +884,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             )
             print(f"CPU ms per MT by process ({name}): {parts}")
     speed_after = loop_ms()
-    print(
-        f"the machine's speed (bench.machine's loop, lower is faster): {speed_before:.0f} ms "
-        f"before the run, {speed_after:.0f} ms after"
-    )
+    print(f"the machine's speed (bench.machine's loop) at the end: {speed_after:.0f} ms")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
         f"targets: e2e and MO rates >= Kannel's at the same window; accept p99 < "
@@ -880,7 +906,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         # Other work on the machine skews every figure: the 1-minute load at the end.
         "load_average_1m": os.getloadavg()[0],
-        "loop_ms_before": speed_before,
         "loop_ms_after": speed_after,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

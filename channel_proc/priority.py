@@ -46,6 +46,10 @@ import trio
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from channel_proc.outbound import OutboundActor
+    from ipc.broker import Broker
+    from ipc.state import StateStore
+
 log = logging.getLogger(__name__)
 
 #: Outbound queue depth (ready messages) from which the process lowers its priority...
@@ -218,3 +222,18 @@ class BacklogPriority:
         finally:
             if self.priority.level is Level.BACKLOG:
                 self.priority.restore()
+
+
+def apply_backlog(
+    store: StateStore, broker: Broker, outbound: OutboundActor, backlog: bool
+) -> None:
+    """What else a backlog changes (BacklogPriority's `on_change`): while it drains, the
+    process's writes wait for others to commit with, so the store's write lock (which every
+    process shares) is taken a few hundred times a second instead of thousands, and the queue
+    file is synced less often. Its queue writes wait longer (BACKLOG_QUEUE_LINGER) when the
+    transport's answered sends leave the window before their event and ack, and the outbound
+    consumer then holds more of them (OutboundActor.set_backlog)."""
+    store.set_write_linger(BACKLOG_WRITE_LINGER if backlog else 0.0)
+    queue_linger = BACKLOG_QUEUE_LINGER if outbound.answered_leave_window else BACKLOG_WRITE_LINGER
+    broker.set_write_linger(queue_linger if backlog else 0.0)
+    outbound.set_backlog(backlog)

@@ -25,7 +25,7 @@ from channel_proc.forwarder import Forwarder, Routes
 from channel_proc.link import QueueLink
 from channel_proc.metrics import RuntimeSnapshots, SendRate, link_up_from
 from channel_proc.outbound import OutboundActor, RateLimiter
-from channel_proc.priority import BACKLOG_QUEUE_LINGER, BACKLOG_WRITE_LINGER, BacklogPriority
+from channel_proc.priority import BacklogPriority, apply_backlog
 from channel_proc.routers.actor import RouterActor
 from channel_proc.routers.destination import DestinationForwarder
 from channel_proc.status import MAILBOX_SIZE, run_status_actor
@@ -226,7 +226,7 @@ async def run_channel_process(
         )
         if watch_process:
             # Told the outbound depth by the runtime snapshots, which read it anyway (below).
-            priority = BacklogPriority(on_change=partial(_on_backlog, store, broker, outbound))
+            priority = BacklogPriority(on_change=partial(apply_backlog, store, broker, outbound))
             infra.start_soon(priority.run)
         snapshots = RuntimeSnapshots(
             store=store,
@@ -274,18 +274,6 @@ async def run_channel_process(
             transport_nursery.cancel_scope.cancel()
         log.info("channel %s stopped (%s)", cid, shutdown.reason)
         infra.cancel_scope.cancel()
-
-
-def _on_backlog(store: StateStore, broker: Broker, outbound: OutboundActor, backlog: bool) -> None:
-    """While draining a backlog, the process's writes wait for others to commit with: the
-    store's write lock (which every process shares) is taken a few hundred times a second
-    instead of thousands, and the queue file is synced less often. Its queue writes wait
-    longer (BACKLOG_QUEUE_LINGER) when the transport's answered sends leave the window
-    before their event and ack, and the outbound consumer then holds more of them."""
-    store.set_write_linger(BACKLOG_WRITE_LINGER if backlog else 0.0)
-    queue_linger = BACKLOG_QUEUE_LINGER if outbound.answered_leave_window else BACKLOG_WRITE_LINGER
-    broker.set_write_linger(queue_linger if backlog else 0.0)
-    outbound.set_backlog(backlog)
 
 
 def _consumers(

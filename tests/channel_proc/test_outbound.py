@@ -14,8 +14,7 @@ import trio.testing
 from channel_proc.deadletter import dead_letter_queue
 from channel_proc.lifecycle import Shutdown
 from channel_proc.outbound import BACKLOG_PREFETCH, OUTBOUND_PREFETCH, OutboundActor
-from channel_proc.priority import BACKLOG_QUEUE_LINGER, BACKLOG_WRITE_LINGER
-from channel_proc.process import _on_backlog
+from channel_proc.priority import BACKLOG_QUEUE_LINGER, BACKLOG_WRITE_LINGER, apply_backlog
 from channel_proc.transports.base import SendReceipt
 from channel_proc.transports.errors import ConnectionFailed, ProviderRejected, SendError
 from channel_proc.transports.smpp import SmppConfig, SmppTransport
@@ -361,7 +360,7 @@ async def test_a_backlog_makes_the_process_writes_wait_and_its_consumer_hold_mor
     )
     assert actor.prefetch == normal
     store, queues = LingerRecorder(), LingerRecorder()
-    on_backlog = partial(_on_backlog, cast("StateStore", store), cast("Broker", queues), actor)
+    on_backlog = partial(apply_backlog, cast("StateStore", store), cast("Broker", queues), actor)
     on_backlog(True)
     assert (store.lingers, queues.lingers, actor.prefetch) == (
         [BACKLOG_WRITE_LINGER],
