@@ -598,6 +598,8 @@ ROWS: Final = (
     ("CPU stolen by the hypervisor (%)", "stolen_percent", "{:.1f}"),
     ("B refused / never submitted", None, ""),
 )
+#: Rows that describe the machine's conditions in a window rather than B: no ratio.
+CONDITIONS: Final = frozenset({"cpu_s_sim_a", "stolen_percent"})
 
 
 def table(
@@ -617,7 +619,8 @@ def table(
             for v in (getattr(f, key) for f in (before, loaded, after))
         )
         mean, flooded = getattr(alone, key), getattr(loaded, key)
-        ratio = f"{flooded / mean:>8.2f}" if mean and flooded is not None else ""
+        measured = key not in CONDITIONS and mean and flooded is not None
+        ratio = f"{flooded / mean:>8.2f}" if measured else ""
         lines.append(f"{label:38}{a:>10}{b:>11}{c:>10}{ratio}")
     lines.append(
         f"A: {flood.messages} queued via {flood.via} at {flood.queue_rate:.0f}/s; drained at "
