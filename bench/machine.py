@@ -3,8 +3,9 @@ how much of its CPU the hypervisor gave to others (steal).
 
 On a shared virtual machine both move: seen here on one day, a loop of ten million
 additions took 1.06 to 2.26 s, and 15-41% of the CPU was stolen whenever the gateway was
-busy (none when idle). CPU seconds per message are inflated as much as rates and latencies
-are, so figures from runs (or windows) that differ in these do not compare.
+busy (none when idle). CPU seconds per message move with them too (a core that runs the
+loop slower takes longer for the same work), so figures from runs (or windows) that differ
+in these do not compare.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ Three Linux mechanisms:
   not preempt others on wake-up), which any unprivileged process may set and clear.
 
 Other platforms: nothing is changed.
+
+What else a backlog changes, the process's write waits and its outbound prefetch, is
+`apply_backlog`, which the process gives BacklogPriority as `on_change`.
 """
 
 from __future__ import annotations
