@@ -13,10 +13,10 @@ the messages it held (failed sends waiting for their retry included) come again 
 queue, in order.
 
 While the channel drains a backlog (channel_proc.priority), its event publishes and acks wait
-longer to be committed with others (channel_proc.process), so with a transport that dedupes
-redeliveries the consumer may then hold BACKLOG_PREFETCH more messages: answered ones waiting
-for those writes. The consumer is reopened with the new prefetch when the backlog starts and
-ends (the messages it held go back to the queue, in order).
+longer to be committed with others (channel_proc.priority.apply_backlog), so with a transport
+that dedupes redeliveries the consumer may then hold BACKLOG_PREFETCH more messages: answered
+ones waiting for those writes. The consumer is reopened with the new prefetch when the backlog
+starts and ends (the messages it held go back to the queue, in order).
 
 Queue control (issue 7): while the channel is paused no message is taken; a cancelled or
 expired message is answered with a nack (reason "cancelled"/"expired") instead of being sent;

@@ -61,7 +61,7 @@ BACKLOG_HIGH: Final = 1000
 BACKLOG_LOW: Final = 100
 #: How much nicer the process gets while it has a backlog.
 BACKLOG_NICE: Final = 10
-#: Seconds its store writes then wait for others to commit with (channel_proc.process), and its
+#: Seconds its store writes then wait for others to commit with (apply_backlog), and its
 #: queue writes too when its transport's answered sends wait for them in the window...
 BACKLOG_WRITE_LINGER: Final = 0.010
 #: ...and its queue writes (event publishes, acks) when they are out of the window: each

@@ -375,11 +375,11 @@ async def test_a_backlog_lets_more_answered_sends_wait_for_their_events(
     broker: Broker, namespace: Namespace, channel_id: str
 ) -> None:
     """While the channel drains a backlog its queue writes wait longer to be batched
-    (channel_proc.process), and answered sends that left the window wait for their event and
-    ack meanwhile: the consumer is reopened to hold BACKLOG_PREFETCH more of them when the
-    backlog starts, and reopened as before when it ends; every message is sent once, in
-    queue order. Every event publish is held here, so the sends stop once all the consumer
-    may hold is answered."""
+    (channel_proc.priority.apply_backlog), and answered sends that left the window wait for
+    their event and ack meanwhile: the consumer is reopened to hold BACKLOG_PREFETCH more of
+    them when the backlog starts, and reopened as before when it ends; every message is sent
+    once, in queue order. Every event publish is held here, so the sends stop once all the
+    consumer may hold is answered."""
     normal = 2 * 1 + OUTBOUND_PREFETCH
     contents = [f"m{n:03d}" for n in range(2 * normal + BACKLOG_PREFETCH + 20)]
     await publish_contents(broker, namespace, channel_id, contents)
