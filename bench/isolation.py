@@ -64,7 +64,7 @@ from ipc.broker import MAX_PRIORITY, open_broker
 from ipc.codec import encode_payload
 from ipc.names import Namespace
 from ipc.payloads import VumiMessage
-from tests.e2e.gateway import channel_pids, remember_channel, running_gateway, wait_for
+from tests.e2e.gateway import ROOT, channel_pids, remember_channel, running_gateway, wait_for
 from tests.fakes.webhook import open_fake_webhook
 
 if TYPE_CHECKING:
@@ -513,18 +513,11 @@ class Rig:
 
 
 #: `--a-mode burn`'s stand-in for A: a busy loop at the priority a channel with a backlog
-#: takes (channel_proc.priority: a session and autogroup of its own at nice +10, the thread
-#: at nice +10 and SCHED_BATCH), touching neither the store nor the disk.
+#: takes (channel_proc.priority, in a session and autogroup of its own as the supervisor
+#: starts a channel), touching neither the store nor the disk.
 BURNER: Final = """
-import os
-os.setsid()
-try:
-    with open("/proc/self/autogroup", "w") as group:
-        group.write("10")
-except OSError:
-    pass
-os.nice(10)
-os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+from channel_proc.priority import ProcessPriority
+ProcessPriority().lower()
 while True:
     pass
 """
@@ -533,7 +526,11 @@ while True:
 @contextlib.contextmanager
 def burning() -> Iterator[None]:
     """A CPU-bound process like a draining channel's, for the length of the block."""
-    burner = subprocess.Popen([sys.executable, "-c", BURNER])
+    burner = subprocess.Popen(
+        [sys.executable, "-c", BURNER],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )
     try:
         yield
     finally:

@@ -1,7 +1,8 @@
 """Backlog priority (channel_proc/priority.py) in a real child process on a real broker.
 
 The child watches a queue with small thresholds; the test publishes past the high one and
-reads the child's threads' nice and scheduling policy and its autogroup's nice from /proc,
+reads the child's threads' nice, scheduling policy and time slice and its autogroup's nice
+from /proc,
 then drains the queue and sees them come back. Run as an unprivileged user, the child
 changes only what it could change back; a child that does not lead its session leaves the
 autogroup (its caller's whole session) alone.
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 import pytest
 import trio
 
-from channel_proc.priority import BACKLOG_NICE
+from channel_proc.priority import BACKLOG_GROUP_NICE, BACKLOG_NICE, BACKLOG_SLICE_NS
 from ipc.broker import open_broker
 from ipc.settings import SETTINGS_ENV
 
@@ -43,6 +44,9 @@ SCHED_OTHER: Final = 0
 SCHED_BATCH: Final = 3
 HIGH: Final = 5
 LOW: Final = 1
+#: Custom time slices (sched_setattr's sched_runtime for SCHED_OTHER/BATCH) came with 6.12;
+#: older kernels take and ignore it.
+CUSTOM_SLICES: Final = tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 12)
 
 WATCHER: Final = textwrap.dedent(
     f"""
@@ -108,8 +112,17 @@ FLIP: Final = textwrap.dedent(
         # Empty in the root group (a session that pid 1 never left, as under a CI runner).
         return int(fields[fields.index("nice") + 1]) if "nice" in fields else None
 
+    def slice_ns():
+        # /proc/PID/sched: kernels with EEVDF (6.6+) and CONFIG_SCHED_DEBUG.
+        try:
+            lines = open("/proc/self/sched").read().splitlines()
+        except OSError:
+            return None
+        return next((int(l.split()[-1]) for l in lines if l.startswith("se.slice")), None)
+
     def state():
-        return os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0), group_nice()
+        nice, policy = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
+        return nice, policy, group_nice(), slice_ns()
 
     priority = ProcessPriority()
     before = state()
@@ -138,6 +151,16 @@ def group_nice(pid: int | str = "self") -> int | None:
     return int(fields[fields.index("nice") + 1]) if "nice" in fields else None
 
 
+def slice_ns(task: Path) -> int | None:
+    """The thread's time slice, from its sched file (kernels with EEVDF, 6.6+, and
+    CONFIG_SCHED_DEBUG); None where there is none."""
+    try:
+        lines = (task / "sched").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[-1]) for line in lines if line.startswith("se.slice")), None)
+
+
 def thread_states(pid: int) -> set[tuple[int, int]]:
     """{(nice, policy)} over the process's threads, from /proc/PID/task/TID/stat."""
     states = set()
@@ -150,6 +173,10 @@ def thread_states(pid: int) -> set[tuple[int, int]]:
         # Fields 19 (nice) and 41 (policy) of proc(5), counted after "pid (comm)".
         states.add((int(fields[16]), int(fields[38])))
     return states
+
+
+def thread_slices(pid: int) -> set[int | None]:
+    return {slice_ns(task) for task in Path(f"/proc/{pid}/task").iterdir()}
 
 
 @pytest.fixture
@@ -206,6 +233,9 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
         await read_until(proc.stdout, b"ready")
         normal = {(base, SCHED_OTHER)}
         assert thread_states(proc.pid) == normal
+        default_slices = thread_slices(proc.pid)
+        assert BACKLOG_SLICE_NS not in default_slices
+        slices = CUSTOM_SLICES and None not in default_slices
         grouped = group_nice(proc.pid) is not None
         if grouped:
             assert group_nice(proc.pid) == 0
@@ -221,7 +251,9 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
         # Its owner hears of it (the channel process makes its writes linger).
         await read_until(proc.stdout, b"backlog True")
         if grouped:
-            assert group_nice(proc.pid) == BACKLOG_NICE
+            assert group_nice(proc.pid) == BACKLOG_GROUP_NICE
+        if slices:
+            assert thread_slices(proc.pid) == {BACKLOG_SLICE_NS}
 
         # Down to LOW + 2 (LOW + 1 while drain's next delivery is in flight): still a
         # backlog (hysteresis).
@@ -234,6 +266,8 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
         await read_until(proc.stdout, b"backlog False")
         if grouped:
             assert group_nice(proc.pid) == 0
+        if slices:
+            assert thread_slices(proc.pid) == default_slices
     finally:
         assert proc.stdin is not None
         await proc.stdin.aclose()
@@ -246,12 +280,12 @@ async def test_backlog_lowers_every_threads_priority_and_restores_it(
     assert proc.returncode == 0
 
 
-State = tuple[int, int, "int | None"]
+State = tuple[int, int, "int | None", "int | None"]
 
 
 @dataclass
 class Flip:
-    """FLIP's report: (nice, policy, autogroup nice) before, lowered and after."""
+    """FLIP's report: (nice, policy, autogroup nice, time slice) before, lowered and after."""
 
     before: State
     lowered: State
@@ -282,14 +316,16 @@ def test_lowering_is_undone_in_process(new_session: bool) -> None:
     ours = group_nice()
     flip = run_flip(new_session=new_session)
     assert flip.before == flip.after
-    nice, policy, group = flip.lowered
+    nice, policy, group, slice_ns = flip.lowered
     assert policy == SCHED_BATCH
     assert nice == (flip.before[0] + BACKLOG_NICE if flip.used_nice else flip.before[0])
+    if CUSTOM_SLICES and slice_ns is not None:
+        assert slice_ns == BACKLOG_SLICE_NS != flip.before[3]
     if flip.before[2] is None:  # no autogroup: a kernel without them, or the root group
         assert flip.base_group_nice is None
     elif new_session:
         assert flip.base_group_nice == flip.before[2] == 0
-        assert group == BACKLOG_NICE
+        assert group == BACKLOG_GROUP_NICE
     else:
         # Its autogroup is this test's whole session: not its to change.
         assert flip.base_group_nice is None
@@ -315,7 +351,15 @@ def test_unprivileged_process_changes_only_what_it_can_undo(
     flip = run_flip(*ids, new_session=True)
     assert flip.used_nice is uses_nice
     grouped = flip.before[2] is not None
-    # Its autogroup's nice it may always set back to 0, whatever its RLIMIT_NICE.
-    assert flip.before == flip.after == (0, SCHED_OTHER, 0 if grouped else None)
-    lowered_group = BACKLOG_NICE if grouped else None
-    assert flip.lowered == ((BACKLOG_NICE if uses_nice else 0), SCHED_BATCH, lowered_group)
+    default_slice = flip.before[3]
+    # Its autogroup's nice it may always set back to 0, whatever its RLIMIT_NICE, and its
+    # time slice to the default.
+    assert flip.before == flip.after == (0, SCHED_OTHER, 0 if grouped else None, default_slice)
+    lowered_group = BACKLOG_GROUP_NICE if grouped else None
+    lowered_slice = BACKLOG_SLICE_NS if CUSTOM_SLICES and default_slice else default_slice
+    assert flip.lowered == (
+        (BACKLOG_NICE if uses_nice else 0),
+        SCHED_BATCH,
+        lowered_group,
+        lowered_slice,
+    )
