@@ -21,10 +21,14 @@ catches up with the log's end: the log then grew by every commit, never reusing 
 (seen: the state file's log at 4.6 GB and a flooded channel's queue log at 1.8 GB in a
 2.5-minute bench.isolation run), and every sync of a growing file also commits the file
 system's journal, which all the gateway's files share. So once the log holds RESTART_FRAMES
-frames, the checkpointer follows its passive checkpoint with a RESTART one, which waits
-(RESTART_WAIT at most) for the write lock and for readers of the old log, copies what the
-passive one left (a few frames), and lets the next write start the log over. Writers then
-wait that long, once per few thousand frames, instead of every sync paying for the growth.
+frames, the checkpointer follows its passive checkpoint with a RESTART one, which takes the
+write lock, waits for readers of the old log, copies what the passive one left (a few
+frames), and lets the next write start the log over. A pending RESTART blocks every writer,
+so it is tried without a busy handler, again and again for RESTART_WAIT at most: each try
+holds the write lock only while it checks and copies, and writers go on between tries.
+(With SQLite's busy handler, which sleeps 1, 2, 5, 10 ms between looks, each one held the
+state file's writers 10-14 ms at the median and up to 42 ms, some 200 times in a flood run:
+the other channels' accepts waited that long.)
 Every connection also sets journal_size_limit, so that a log grown large once (before this,
 or by a long lock) is cut back to JOURNAL_SIZE_LIMIT when it is next rewound.
 
@@ -56,8 +60,8 @@ COMMITS_PER_CHECKPOINT: Final = 500
 MIN_COMMITS_PER_CHECKPOINT: Final = 10
 #: Log frames (pages) from which a checkpoint also rewinds the log (16 MB of 4 KB pages).
 RESTART_FRAMES: Final = 4096
-#: Seconds a rewinding checkpoint waits for the write lock and for readers before giving up
-#: until the next turn (writers are held up this long at most).
+#: Seconds a rewinding checkpoint keeps trying (for the write lock and for readers of the
+#: old log to finish) before giving up until the next turn.
 RESTART_WAIT: Final = 0.1
 #: Bytes a rewound log is cut back to (PRAGMA journal_size_limit).
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
@@ -197,16 +201,32 @@ class Checkpointer:
         _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if frames < self._restart_frames:
             return int(frames)
-        conn.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
-        try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-        finally:
-            conn.execute("PRAGMA busy_timeout=0")
-        if busy:
-            log.debug("log of %s not rewound: busy for %.1f s", self._path, RESTART_WAIT)
-        else:
+        if self._restart(conn):
             self.restarts += 1
+        else:
+            log.debug("log of %s not rewound: busy for %.1f s", self._path, RESTART_WAIT)
         return int(frames)
+
+    @staticmethod
+    def _restart(conn: sqlite3.Connection) -> bool:
+        """RESTART tries, on a connection whose busy timeout is zero, until one rewinds the
+        log (True) or RESTART_WAIT has passed; a try that finds readers or a writer in the
+        way does what a passive checkpoint would and lets go of the write lock."""
+        deadline = time.monotonic() + RESTART_WAIT
+        delay = BUSY_RETRY_MIN
+        while True:
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                busy = 1
+            if not busy:
+                return True
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, BUSY_RETRY_MAX)
 
     async def wait_idle(self) -> None:
         """Return once no checkpoint runs."""

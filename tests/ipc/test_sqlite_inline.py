@@ -1,7 +1,8 @@
 """ipc/sqlite_inline.py: inline transactions give way to a lock held elsewhere, never
 checkpoint, roll back on errors; the Checkpointer copies the log into the database in the
 background every COMMITS_PER_CHECKPOINT commits (sooner when commits are large), rewinds it
-while other connections keep writing, and both embedded stores have one; every connection
+while other connections keep writing without holding them up while it waits for readers,
+and both embedded stores have one; every connection
 leaves checkpoints to it and caps the log (WAL_PRAGMAS); and the
 embedded broker still settles, claims and counts (threaded) while another connection holds
 the write lock."""
@@ -25,6 +26,7 @@ from ipc.names import Namespace
 from ipc.sqlite_inline import (
     COMMITS_PER_CHECKPOINT,
     JOURNAL_SIZE_LIMIT,
+    RESTART_WAIT,
     Checkpointer,
     InlineRunner,
     retry_busy,
@@ -256,6 +258,44 @@ async def test_checkpoints_rewind_the_log_under_a_steady_stream_of_writes(db: Pa
     # Each commit adds one 4 KB frame: without the rewinds the log held them all.
     frame = 4096 + 24
     assert wal_bytes < commits // 4 * frame, wal_bytes // frame
+
+
+async def test_a_rewind_that_must_wait_lets_writers_through(db: Path) -> None:
+    """A reader on an old snapshot keeps a RESTART checkpoint from finishing. Left to
+    SQLite's busy handler, the pending RESTART held the write lock for all of RESTART_WAIT
+    (every writer of every process waiting behind it); tried without one, again and again,
+    it holds the lock only while it tries, so a writer gets through at once."""
+    checkpointer = Checkpointer(db, every=1, restart_frames=1)
+    waits = []
+    with (
+        closing(sqlite3.connect(db, isolation_level=None, timeout=0)) as writer,
+        closing(sqlite3.connect(db, isolation_level=None)) as reader,
+    ):
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        transaction(writer, _insert, write=True)
+        reader.execute("BEGIN")
+        _count(reader)
+        transaction(writer, _insert, write=True)  # the reader's snapshot is now an old one
+        try:
+            checkpointer.committed()
+            # Its worker thread starts; the RESTART then waits for the reader.
+            await trio.sleep(RESTART_WAIT / 10)
+            end = time.monotonic() + RESTART_WAIT / 2
+            while time.monotonic() < end:
+                started = time.monotonic()
+                retry_busy(partial(transaction, writer, _insert, write=True), RESTART_WAIT)
+                waits.append(time.monotonic() - started)
+                await trio.sleep(RESTART_WAIT / 20)
+            with trio.fail_after(5):
+                await checkpointer.wait_idle()
+        finally:
+            reader.execute("COMMIT")
+            await checkpointer.aclose()
+    # The reader stayed for the whole turn: no rewind, and the writes went on meanwhile.
+    assert checkpointer.done == 1
+    assert checkpointer.restarts == 0
+    assert len(waits) >= 5
+    assert max(waits) < RESTART_WAIT / 4, waits
 
 
 async def test_checkpoints_come_sooner_when_commits_are_large(db: Path) -> None:
