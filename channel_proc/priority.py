@@ -29,14 +29,14 @@ Four Linux mechanisms:
   not preempt others on wake-up), which any unprivileged process may set and clear.
 - A long time slice (BACKLOG_SLICE_NS) on every thread, with sched_setattr's sched_runtime
   (kernel 6.12+, EEVDF; unprivileged; older kernels ignore it). A neighbour's message crosses
-  several processes that each run for a few hundredths of a second; EEVDF gives a group its
-  fair share whenever it holds the earliest virtual deadline, and once running it keeps the
-  core until the next tick (4 ms at HZ=250) unless a task wakes. So a draining group picked
-  between two hops of a neighbour's chain delays it by up to a tick. A long slice puts its
-  deadline far out, so it runs when the others have nothing to run. Measured with a chain
-  of four processes doing 1 ms of work each, a busy loop on each of the two cores: 8-15 of
-  700 round trips a tick late with the loops' group at nice 19 (21-41 at +10), 3-6 with the
-  long slice as well, as many as with no loop at all (p99 3.3-4.7 ms against 3.4-4.0).
+  several processes that each run for a millisecond or so; EEVDF gives a group its fair
+  share whenever it holds the earliest virtual deadline, and once running it keeps the core
+  until the next tick (4 ms at HZ=250) unless a task wakes. So a draining group picked
+  between two hops of a neighbour's chain delays it by up to a tick (seen in a kernel trace).
+  A long slice puts its deadline far out, so it runs when the others have nothing to run.
+  bench.sched_chain measures it (four processes doing 1 ms of work each, a busy loop per
+  core; round trips more than 1.5 ms late, of 700): 2 / 11 / 9 at this priority, 6 / 22 / 18
+  at nice +10 with the default slice, 4 / 3 / 7 with no busy loop.
 
 Other platforms: nothing is changed.
 

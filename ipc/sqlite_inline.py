@@ -24,11 +24,11 @@ system's journal, which all the gateway's files share. So once the log holds RES
 frames, the checkpointer follows its passive checkpoint with a RESTART one, which takes the
 write lock, waits for readers of the old log, copies what the passive one left (a few
 frames), and lets the next write start the log over. A pending RESTART blocks every writer,
-so it is tried without a busy handler, again and again for RESTART_WAIT at most: each try
-holds the write lock only while it checks and copies, and writers go on between tries.
-(With SQLite's busy handler, which sleeps 1, 2, 5, 10 ms between looks, each one held the
-state file's writers 10-14 ms at the median and up to 42 ms, some 200 times in a flood run:
-the other channels' accepts waited that long.)
+so it is tried without a busy handler, again and again for RESTART_WAIT at most: a try
+holds the write lock only while it checks, copies and syncs, and writers go on between
+tries. (With SQLite's busy handler, which sleeps 1, 2, 5, 10 ms between looks, a flooded
+channel's RESTARTs of the state file took 14 ms at the median and up to 42 ms, some 180
+times in a bench.isolation run, every writer of every process waiting meanwhile.)
 Every connection also sets journal_size_limit, so that a log grown large once (before this,
 or by a long lock) is cut back to JOURNAL_SIZE_LIMIT when it is next rewound.
 
