@@ -43,8 +43,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -58,13 +56,14 @@ from bench.broker import git_commit, machine
 from bench.cli import add_service_args, check_ranges, run_main
 from bench.machine import cpu_ticks, loop_ms, stolen_percent
 from bench.recovery import settings_for
+from bench.sched_chain import busy_loop
 from bench.smpp_load import Request, cpu_seconds, process_tree, send_all, service_pids
 from bench.smsc_sim import POLL_INTERVAL, SimulatorProcess
 from ipc.broker import MAX_PRIORITY, open_broker
 from ipc.codec import encode_payload
 from ipc.names import Namespace
 from ipc.payloads import VumiMessage
-from tests.e2e.gateway import ROOT, channel_pids, remember_channel, running_gateway, wait_for
+from tests.e2e.gateway import channel_pids, remember_channel, running_gateway, wait_for
 from tests.fakes.webhook import open_fake_webhook
 
 if TYPE_CHECKING:
@@ -512,25 +511,11 @@ class Rig:
         return steady, flood
 
 
-#: `--a-mode burn`'s stand-in for A: a busy loop at the priority a channel with a backlog
-#: takes (channel_proc.priority, in a session and autogroup of its own as the supervisor
-#: starts a channel), touching neither the store nor the disk.
-BURNER: Final = """
-from channel_proc.priority import ProcessPriority
-ProcessPriority().lower()
-while True:
-    pass
-"""
-
-
 @contextlib.contextmanager
 def burning() -> Iterator[None]:
-    """A CPU-bound process like a draining channel's, for the length of the block."""
-    burner = subprocess.Popen(
-        [sys.executable, "-c", BURNER],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        start_new_session=True,
-    )
+    """`--a-mode burn`'s stand-in for A, for the length of the block: a busy loop at the
+    priority a channel with a backlog takes, touching neither the store nor the disk."""
+    burner = busy_loop("backlog")
     try:
         yield
     finally:

@@ -72,18 +72,20 @@ class Trial:
     steal_percent: float | None
 
 
+def busy_loop(mode: str) -> subprocess.Popen[bytes]:
+    """A busy loop at `mode`'s priority (a key of BUSY), in a session (so an autogroup) of
+    its own as the supervisor starts a channel; also bench.isolation's burn control."""
+    return subprocess.Popen(
+        [sys.executable, "-c", BUSY[mode] + "while True:\n    pass\n"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )
+
+
 def busy_loops(mode: str) -> list[subprocess.Popen[bytes]]:
     if mode == "none":
         return []
-    script = BUSY[mode] + "while True:\n    pass\n"
-    return [
-        subprocess.Popen(
-            [sys.executable, "-c", script],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            start_new_session=True,
-        )
-        for _ in range(os.cpu_count() or 1)
-    ]
+    return [busy_loop(mode) for _ in range(os.cpu_count() or 1)]
 
 
 def hop(inbound: socket.socket, outbound: socket.socket, work: float) -> NoReturn:

@@ -212,21 +212,20 @@ class Checkpointer:
         """RESTART tries, on a connection whose busy timeout is zero, until one rewinds the
         log (True) or RESTART_WAIT has passed; a try that finds readers or a writer in the
         way does what a passive checkpoint would and lets go of the write lock."""
-        deadline = time.monotonic() + RESTART_WAIT
-        delay = BUSY_RETRY_MIN
-        while True:
-            try:
-                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc):
-                    raise
-                busy = 1
-            if not busy:
-                return True
-            if time.monotonic() + delay > deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, BUSY_RETRY_MAX)
+
+        def attempt() -> None:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            if busy:
+                # The pragma answers a busy flag, not an error: made one for retry_busy.
+                raise sqlite3.OperationalError("database is busy")
+
+        try:
+            retry_busy(attempt, RESTART_WAIT)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            return False
+        return True
 
     async def wait_idle(self) -> None:
         """Return once no checkpoint runs."""
